@@ -1,0 +1,6 @@
+"""dsr1: a from-scratch PyTorch reference implementation of DeepSeek-R1 (the DeepSeek-V3 architecture)."""
+
+from dsr1.checkpoint.loader import load_model
+from dsr1.config import ModelConfig
+
+__all__ = ["ModelConfig", "load_model"]

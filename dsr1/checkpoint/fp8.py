@@ -1,0 +1,41 @@
+"""Block-wise FP8 (e4m3) weights as stored in DeepSeek-R1: `weight` [out, in] float8_e4m3fn plus
+`weight_scale_inv` [ceil(out/B), ceil(in/B)] float32, B = 128; the last block of each dim may be ragged.
+
+The stored scale is *multiplied* into the FP8 values: w = fp8.float() * scale_inv[i // B, j // B].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+BLOCK = 128
+
+
+def scale_shape(out_dim: int, in_dim: int, block: int = BLOCK) -> tuple[int, int]:
+    return (math.ceil(out_dim / block), math.ceil(in_dim / block))
+
+
+def dequantize(weight: Tensor, scale_inv: Tensor, dtype: torch.dtype, block: int = BLOCK) -> Tensor:
+    """[o, i] e4m3 and [ceil(o/B), ceil(i/B)] fp32 -> [o, i] in `dtype` (products formed in fp32)."""
+    out_dim, in_dim = weight.shape[-2:]
+    s = scale_inv.repeat_interleave(block, dim=-2)[..., :out_dim, :]
+    s = s.repeat_interleave(block, dim=-1)[..., :in_dim]  # [o, i]
+    return (weight.float() * s).to(dtype)
+
+
+def quantize(weight: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """[o, i] float -> ([o, i] e4m3, [ceil(o/B), ceil(i/B)] fp32 scale_inv) with per-block amax / 448."""
+    out_dim, in_dim = weight.shape
+    so, si = scale_shape(out_dim, in_dim, block)
+    padded = weight.float().new_zeros(so * block, si * block)
+    padded[:out_dim, :in_dim] = weight.float()
+    tiles = padded.view(so, block, si, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [so, si]
+    scale_inv = amax / FP8_MAX
+    q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(so * block, si * block)[:out_dim, :in_dim].contiguous(), scale_inv.float()

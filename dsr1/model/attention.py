@@ -1,0 +1,117 @@
+"""Multi-head latent attention (MLA), with the naive and the absorbed computation side by side.
+
+Both paths compute the same function. *naive* expands the latent into per-head keys and values
+(like HF) and caches those; *absorbed* folds W_UK into the query and applies W_UV after attention,
+so its cache holds only the normalized latent c and the shared rope key per token (576 values for
+R1 instead of 128 x (192 + 128)).
+
+b batch, s new positions, t key positions, h heads, d nope or value head dim, r rope dim,
+c kv latent (kv_lora_rank), m model dim
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dsr1.config import ModelConfig
+from dsr1.model.linear import Linear
+from dsr1.model.norm import RMSNorm
+from dsr1.model.rope import apply_rotary_emb
+
+ATTN_IMPLS = ("absorb", "naive")
+
+
+@dataclass
+class LatentCache:
+    """Absorbed-path cache: kv [B, T, c] (after kv_norm) and pe [B, T, r] (after rope)."""
+
+    kv: Tensor
+    pe: Tensor
+
+
+@dataclass
+class HeadCache:
+    """Naive-path cache: per-head keys k [B, T, h, d + r] and values v [B, T, h, d]."""
+
+    k: Tensor
+    v: Tensor
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, fp8: bool, impl: str = "absorb"):
+        super().__init__()
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attention impl {impl!r} is not one of {ATTN_IMPLS}")
+        self.impl = impl
+        self.n_heads = cfg.n_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        qk_dim = self.nope_dim + self.rope_dim
+        if cfg.q_lora_rank:
+            self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, fp8)  # HF: q_a_proj
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)  # HF: q_a_layernorm
+            self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * qk_dim, fp8)  # HF: q_b_proj
+        else:
+            self.wq = Linear(cfg.dim, self.n_heads * qk_dim, fp8)  # HF: q_proj
+        self.wkv_a = Linear(cfg.dim, self.kv_lora_rank + self.rope_dim, fp8)  # HF: kv_a_proj_with_mqa
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)  # HF: kv_a_layernorm
+        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), fp8)  # HF: kv_b_proj
+        self.wo = Linear(self.n_heads * self.v_dim, cfg.dim, fp8)  # HF: o_proj
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache | HeadCache:
+        if self.impl == "absorb":
+            return LatentCache(
+                kv=torch.zeros(batch, max_len, self.kv_lora_rank, dtype=dtype, device=device),
+                pe=torch.zeros(batch, max_len, self.rope_dim, dtype=dtype, device=device),
+            )
+        return HeadCache(
+            k=torch.zeros(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, dtype=dtype, device=device),
+            v=torch.zeros(batch, max_len, self.n_heads, self.v_dim, dtype=dtype, device=device),
+        )
+
+    def forward(self, x: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache=None) -> Tensor:
+        """x: [b, s, m] at `positions` [b, s] -> [b, s, m].
+
+        freqs_cis: [b, s, r/2] for those positions. keep: [b, s, t] bool, which keys each query sees;
+        without a cache the keys are this call's own s tokens, with one they are cache rows [0, t).
+        """
+        b, s, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q = q.view(b, s, self.n_heads, -1)  # [b, s, h, d + r]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, c], [b, s, r]
+        kv = self.kv_norm(kv)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # one rope key shared by all heads
+        n_keys = keep.shape[-1]
+        rows = torch.arange(b, device=x.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
+
+        wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if self.impl == "naive":
+            k_nope, v = torch.einsum("bsc,hdc->bshd", kv, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)  # [b, s, h, d + r]
+            if cache is not None:
+                cache.k[rows, positions], cache.v[rows, positions] = k, v
+                k, v = cache.k[:b, :n_keys], cache.v[:b, :n_keys]  # [b, t, h, d + r], [b, t, h, d]
+            scores = torch.einsum("bshd,bthd->bsht", torch.cat([q_nope, q_pe], dim=-1), k)
+            probs = self._softmax(scores, keep)
+            o = torch.einsum("bsht,bthd->bshd", probs, v)  # [b, s, h, d]
+        else:
+            if cache is not None:
+                cache.kv[rows, positions], cache.pe[rows, positions] = kv, k_pe
+                kv, k_pe = cache.kv[:b, :n_keys], cache.pe[:b, :n_keys]  # [b, t, c], [b, t, r]
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope_dim])  # W_UK absorbed
+            scores = torch.einsum("bshc,btc->bsht", q_latent, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+            probs = self._softmax(scores, keep)
+            o = torch.einsum("bsht,btc->bshc", probs, kv)
+            o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, self.nope_dim :])  # W_UV applied after attention
+        return self.wo(o.flatten(2))
+
+    def _softmax(self, scores: Tensor, keep: Tensor) -> Tensor:
+        """scores: [b, s, h, t] -> probabilities computed in fp32, returned in the scores' dtype."""
+        masked = (scores.float() * self.softmax_scale).masked_fill(~keep.unsqueeze(2), float("-inf"))
+        return masked.softmax(dim=-1).to(scores.dtype)

@@ -1,0 +1,61 @@
+"""SwiGLU feed-forward networks: the dense MLP (and shared expert), and the stacked routed experts.
+
+e local experts, M rows per expert, m model dim, i expert inner dim
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
+from dsr1.model.linear import Linear
+
+
+class MLP(nn.Module):
+    """w2(silu(w1 x) * w3 x). Dense layers (HF: mlp) and the shared expert (HF: mlp.shared_experts)."""
+
+    def __init__(self, dim: int, inter_dim: int, fp8: bool):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, fp8)  # HF: gate_proj
+        self.w2 = Linear(inter_dim, dim, fp8)  # HF: down_proj
+        self.w3 = Linear(dim, inter_dim, fp8)  # HF: up_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., m] -> [..., m]."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GroupedExperts(nn.Module):
+    """This rank's routed experts, stacked in local-slot order (HF: mlp.experts.{expert_id}.*).
+
+    Works on the layout DeepEP's low-latency dispatch produces: x [e, M, m] where only rows
+    [0, counts[j]) of expert j are valid. Slot j holds the global expert the placement assigns it.
+    """
+
+    def __init__(self, n_local: int, dim: int, inter_dim: int, fp8: bool):
+        super().__init__()
+        self.n_local = n_local
+        dtype = FP8_DTYPE if fp8 else None
+        shapes = {"w1": (inter_dim, dim), "w2": (dim, inter_dim), "w3": (inter_dim, dim)}  # HF: gate, down, up
+        for name, (out_dim, in_dim) in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(n_local, out_dim, in_dim, dtype=dtype), requires_grad=False))
+            scale = None
+            if fp8:  # HF: weight_scale_inv, one block grid per expert
+                scale = nn.Parameter(torch.empty(n_local, *scale_shape(out_dim, in_dim), dtype=torch.float32), requires_grad=False)
+            self.register_parameter(f"{name}_scale", scale)
+
+    def weight(self, name: str, slot: int, dtype: torch.dtype) -> Tensor:
+        """Expert `slot`'s weight `name` ('w1', 'w2' or 'w3') in `dtype`, dequantized if FP8."""
+        w, scale = getattr(self, name)[slot], getattr(self, f"{name}_scale")
+        return w.to(dtype) if scale is None else dequantize(w, scale[slot], dtype)
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """x: [e, M, m], counts: [e] -> [e, M, m]; rows past counts[j] are left zero."""
+        out = torch.zeros_like(x)
+        for slot, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            xe = x[slot, :n]  # [n, m]
+            h = F.silu(F.linear(xe, self.weight("w1", slot, x.dtype))) * F.linear(xe, self.weight("w3", slot, x.dtype))
+            out[slot, :n] = F.linear(h, self.weight("w2", slot, x.dtype))
+        return out

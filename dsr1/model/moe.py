@@ -1,0 +1,37 @@
+"""The mixture-of-experts layer: route -> dispatch -> expert compute -> combine, plus the shared expert.
+
+The dispatcher is the only place expert parallelism enters: the router produces global expert ids,
+the dispatcher moves tokens to whichever rank and slot holds them, and brings the results back.
+
+b batch, s positions, n tokens (b*s), m model dim
+"""
+
+import torch
+from torch import Tensor, nn
+
+from dsr1.config import ModelConfig
+from dsr1.model.gate import Gate
+from dsr1.model.mlp import MLP, GroupedExperts
+from dsr1.parallel.dispatch import Dispatcher
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dispatcher: Dispatcher, fp8: bool):
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.gate = Gate(cfg)  # HF: mlp.gate
+        self.experts = GroupedExperts(dispatcher.n_local_experts, cfg.dim, cfg.moe_inter_dim, fp8)  # HF: mlp.experts
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, fp8) if cfg.n_shared_experts else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [b, s, m] -> [b, s, m]."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [n, m]
+        weights, expert_ids = self.gate(x)  # [n, k] fp32, [n, k] global ids
+        y = torch.empty_like(x)
+        for start, end in self.dispatcher.chunks(x.shape[0]):
+            recv_x, counts, handle = self.dispatcher.dispatch(x[start:end], expert_ids[start:end], weights[start:end])
+            y[start:end] = self.dispatcher.combine(self.experts(recv_x, counts), handle)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

@@ -1,0 +1,1 @@
+"""Expert parallelism: process groups, expert placement and the MoE token dispatchers."""
