@@ -81,7 +81,7 @@ class MLA(nn.Module):
         """
         b, s, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        q = q.view(b, s, self.n_heads, -1)  # [b, s, h, d + r]
+        q = q.view(b, s, self.n_heads, self.nope_dim + self.rope_dim)  # [b, s, h, d + r]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs_cis)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, c], [b, s, r]

@@ -33,8 +33,8 @@ class Gate(nn.Module):
     def limit_groups(self, scores: Tensor) -> Tensor:
         """Keep the `topk_group` groups with the largest top-2 score sum; mask the rest with -inf."""
         n = scores.shape[0]
-        grouped = scores.view(n, self.n_groups, -1)  # [n, g, e/g]
+        grouped = scores.view(n, self.n_groups, scores.shape[-1] // self.n_groups)  # [n, g, e/g]
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [n, g]
         kept = group_scores.topk(self.topk_groups, dim=-1).indices  # [n, topk_group]
         drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)  # [n, g]
-        return grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(n, -1)
+        return grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)

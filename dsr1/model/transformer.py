@@ -108,14 +108,20 @@ class Transformer(nn.Module):
         return [layer.attn.new_cache(batch, max_len, dtype, device) for layer in [*self.layers, *self.mtp]]
 
     def forward(
-        self, tokens: Tensor, start_pos: Tensor | int = 0, cache: list | None = None, last_only: bool = False, return_hidden: bool = False
+        self,
+        tokens: Tensor,
+        start_pos: Tensor | int = 0,
+        cache: list | None = None,
+        logits_at: Tensor | None = None,
+        return_hidden: bool = False,
     ):
         """tokens: [b, s] at positions start_pos + [0, s) (start_pos: int or [b]).
 
         Without a cache the tokens attend to each other causally. With one, row i's keys are written at
         its own positions and it attends to cache rows [0, start_pos[i] + j]: rows of different lengths
-        decode together. Returns logits [b, s, v] fp32 ([b, 1, v] if last_only) and, if asked, the
-        final hidden states before the norm ([b, s, m], the MTP block's input).
+        decode together. Returns logits [b, s, v] fp32, or [b, v] for one position per row if
+        `logits_at` [b] gives its index in [0, s) (generation never pays for the others); with
+        `return_hidden`, also the last layer's output before the norm ([b, s, m], the MTP block's input).
         """
         b, s = tokens.shape
         positions = self.positions(tokens, start_pos)  # [b, s]
@@ -124,7 +130,7 @@ class Transformer(nn.Module):
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, freqs_cis, keep, None if cache is None else cache[i])
-        out = h[:, -1:] if last_only else h
+        out = h if logits_at is None else h[torch.arange(b, device=h.device), logits_at]  # [b, s, m] or [b, m]
         logits = self.head(self.norm(out)).float()
         return (logits, h) if return_hidden else logits
 
@@ -141,7 +147,7 @@ class Transformer(nn.Module):
         b, s = tokens.shape
         start = torch.as_tensor(start_pos, device=tokens.device).expand(b)
         positions = start.unsqueeze(1) + torch.arange(s, device=tokens.device)  # [b, s]
-        end = int(positions.max()) + 1
+        end = _n_keys(positions)
         if end > self.max_seq_len:
             raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
         return positions
@@ -152,7 +158,11 @@ class Transformer(nn.Module):
         if cache is None:
             key_positions = positions  # [b, t=s]: the new tokens are the keys
         else:
-            n_keys = int(positions.max()) + 1
-            key_positions = torch.arange(n_keys, device=positions.device).expand(positions.shape[0], -1)  # [b, t]
+            key_positions = torch.arange(_n_keys(positions), device=positions.device).expand(positions.shape[0], -1)  # [b, t]
         return key_positions.unsqueeze(1) <= positions.unsqueeze(2)
 
+
+
+def _n_keys(positions: Tensor) -> int:
+    """Cache rows [0, t) the queries at `positions` may see; 0 for an empty batch (an idle EP rank)."""
+    return int(positions.max()) + 1 if positions.numel() else 0
