@@ -2,5 +2,6 @@
 
 from dsr1.checkpoint.loader import load_model
 from dsr1.config import ModelConfig
+from dsr1.parallel.placement import expert_placement
 
-__all__ = ["ModelConfig", "load_model"]
+__all__ = ["ModelConfig", "expert_placement", "load_model"]

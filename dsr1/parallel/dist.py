@@ -1,0 +1,54 @@
+"""Process-group helpers for expert parallelism. Nothing here is global state: callers keep what they get."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK -> (rank, world_size, local_rank).
+
+    The backend is NCCL when CUDA is available (after binding this process to GPU LOCAL_RANK), else
+    gloo. Without torchrun's variables this is a single process: (0, 1, 0) and no process group.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, local_rank
+
+
+def new_cpu_group() -> ProcessGroup:
+    """A gloo group over all ranks, for CPU-side collectives (DeepEP's Buffer setup, as vLLM does).
+
+    Collective: every rank must call it, in the same order as any other new_group call.
+    """
+    return dist.new_group(backend="gloo")
+
+
+def collective_device(group: ProcessGroup | None = None) -> torch.device:
+    """Where tensors for collectives on `group` must live: the current GPU for NCCL, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max(value: int, group: ProcessGroup | None = None) -> int:
+    """The largest `value` over the ranks of `group`."""
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def log_rank0(msg: str) -> None:
+    """Print `msg` once per job: on rank 0, or always when there is no process group."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
