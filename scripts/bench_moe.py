@@ -1,0 +1,138 @@
+"""Microbenchmark one MoE layer (route + dispatch + experts + combine) under expert parallelism.
+
+Run under torchrun, one process per GPU:
+    torchrun --nproc-per-node 4 scripts/bench_moe.py --all2all deepep_ll torch --placement linear round_robin
+
+R1's shape by default (hidden 7168, 256 experts in 8 groups, top-8, expert inner 2048), random bf16
+weights, `--tokens` tokens per rank. Every configuration sees the same tokens and the same router, so
+linear and round-robin route identically and differ only in where the experts live. "skewed" adds a
+group-popularity bias to the router (R1's e_score_correction_bias steers selection), as
+scripts/placement_report.py does. Prints one row per configuration: the slowest rank's mean time per
+layer, the same without expert compute (dispatch + combine only), the heaviest rank's received rows,
+and the time relative to linear placement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from dsr1.config import ModelConfig
+from dsr1.model.moe import MoE
+from dsr1.parallel.dispatch import make_dispatcher
+from dsr1.parallel.dist import init_distributed, log_rank0
+from dsr1.parallel.placement import expert_placement
+from dsr1.placement_report import DEFAULT_CONFIG
+
+
+def build_layer(cfg: ModelConfig, dispatcher, skew: float, device: torch.device, dtype: torch.dtype) -> MoE:
+    """One MoE layer, built on `device`, with the same random router on every rank and this rank's experts."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        moe = MoE(cfg, dispatcher, fp8=False)
+    torch.set_default_dtype(default_dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():  # each expert or MLP weight [..., out, in]
+            p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+        moe.gate.weight.mul_(2)  # wide router logits, as the synthetic checkpoints have
+        group_size = cfg.n_routed_experts // cfg.n_expert_groups
+        group_rank = torch.randperm(cfg.n_expert_groups, generator=gen, device=device).repeat_interleave(group_size)
+        moe.gate.bias.copy_(-skew * torch.log1p(group_rank.float()))
+    return moe
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_layer(moe: MoE, x: torch.Tensor, iters: int, experts: bool) -> float:
+    """Mean µs per call on this rank; experts=False times route + dispatch + combine only."""
+    d = moe.dispatcher
+
+    def step():
+        if experts:
+            return moe(x)
+        w, ids = moe.gate(x)
+        recv, counts, handle = d.dispatch(x, ids, w)
+        return d.combine(recv, handle)
+
+    for _ in range(3):
+        step()
+    synchronize(x.device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(x.device)
+    return (time.perf_counter() - start) * 1e6 / iters
+
+
+def received_rows(moe: MoE, x: torch.Tensor) -> int:
+    """(token, expert) rows this rank's experts receive for x (one full dispatch + combine)."""
+    weights, expert_ids = moe.gate(x)
+    recv, counts, handle = moe.dispatcher.dispatch(x, expert_ids, weights)
+    moe.dispatcher.combine(recv, handle)
+    return int(counts.sum())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--tokens", type=int, default=128, help="tokens per rank (one dispatch)")
+    p.add_argument("--all2all", nargs="+", default=["deepep_ll", "torch"])
+    p.add_argument("--placement", nargs="+", default=["linear", "round_robin"])
+    p.add_argument("--fp8-dispatch", nargs="+", default=["off"], choices=["off", "on"])
+    p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = uniform routing")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", help="write the rows here (rank 0)")
+    args = p.parse_args()
+
+    rank, world, _ = init_distributed()
+    if world == 1:
+        raise SystemExit("run under torchrun with 2 or more processes: the benchmark measures expert parallelism")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = ModelConfig.from_file(args.config)
+    x = torch.randn(args.tokens, cfg.dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(rank))
+    rows = []
+    for all2all in args.all2all:
+        for fp8 in args.fp8_dispatch:
+            if fp8 == "on" and all2all != "deepep_ll":
+                continue
+            for skew in args.skew:
+                for strategy in args.placement:
+                    placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
+                    dispatcher = make_dispatcher(all2all, placement, None, args.tokens, cfg.dim, fp8 == "on")
+                    moe = build_layer(cfg, dispatcher, skew, device, dtype)
+                    with torch.inference_mode():
+                        received = torch.tensor([received_rows(moe, x)], device=device)
+                        times = torch.tensor([time_layer(moe, x, args.iters, True), time_layer(moe, x, args.iters, False)], device=device)
+                    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+                    dist.all_reduce(received, op=dist.ReduceOp.MAX)
+                    rows.append({"all2all": all2all, "fp8_dispatch": fp8, "skew": skew, "placement": strategy,
+                                 "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(), "max_rank_rows": int(received)})
+                    del moe, dispatcher
+
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    log_rank0(f"EP={world}, {args.tokens} tokens/rank, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}")
+    log_rank0(f"{'all2all':<10} {'fp8':<4} {'skew':>5} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} {'max rows':>9} {'vs linear':>10}")
+    for r in rows:
+        base = next(b for b in rows if b["placement"] == "linear" and all(b[k] == r[k] for k in ("all2all", "fp8_dispatch", "skew")))
+        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['skew']:>5g} {r['placement']:<12} {r['layer_us']:>10.1f} "
+                  f"{r['dispatch_combine_us']:>13.1f} {r['max_rank_rows']:>9} {r['layer_us'] / base['layer_us']:>10.3f}")
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ep": world, "device": card, "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
