@@ -11,7 +11,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp8", "bf16"], default="fp8", help="fp8: e4m3 weights with 128x128 block scales, as R1")
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--shards", type=int, default=1, help="number of shard files, cut in file order into runs of about equal bytes (as R1's 163)")
     args = p.parse_args()
     out = write_checkpoint(args.config, args.out, seed=args.seed, dtype=args.dtype, shards=args.shards)
     print(f"wrote {out}")

@@ -35,7 +35,7 @@ def quantize(weight: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     padded = weight.float().new_zeros(so * block, si * block)
     padded[:out_dim, :in_dim] = weight.float()
     tiles = padded.view(so, block, si, block)
-    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [so, si]
+    amax = tiles.abs().amax(dim=3).amax(dim=1).clamp(min=1e-12)  # [so, si]; one dim at a time: amax(dim=(1, 3)) is ~40x slower on CPU
     scale_inv = amax / FP8_MAX
     q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(so * block, si * block)[:out_dim, :in_dim].contiguous(), scale_inv.float()

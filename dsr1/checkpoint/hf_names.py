@@ -7,6 +7,7 @@ it fills. The loader checks checkpoints against it and `make_checkpoint` writes 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,7 +19,7 @@ from dsr1.config import ModelConfig
 
 # HF projection name -> dsr1 name, for the dense MLP, the shared expert and each routed expert.
 MLP = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,20 @@ class TensorSpec:
     expert_id: int | None = None  # global routed expert id
     is_scale: bool = False  # a weight_scale_inv (param is the weight's scale)
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
-def layer_index(hf_name: str) -> int | None:
-    m = LAYER_RE.match(hf_name)
+    @property
+    def scale_name(self) -> str:
+        """The HF name of this FP8 weight's block scale."""
+        return self.hf_name.removesuffix(".weight") + ".weight_scale_inv"
+
+
+def routed_expert_id(hf_name: str) -> int | None:
+    """The global expert id in `model.layers.{i}.mlp.experts.{id}.*`, else None."""
+    m = EXPERT_RE.match(hf_name)
     return int(m.group(1)) if m else None
-
-
-def is_mtp_tensor(hf_name: str, cfg: ModelConfig) -> bool:
-    """True for tensors of the MTP layers, which follow the n_layers decoder layers."""
-    i = layer_index(hf_name)
-    return i is not None and cfg.n_layers <= i < cfg.n_layers + cfg.n_mtp_layers
 
 
 def checkpoint_tensors(

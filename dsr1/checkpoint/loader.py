@@ -1,15 +1,20 @@
 """Load a Hugging Face DeepSeek-R1 checkpoint directory into a `Transformer`.
 
-Shards are named by `model.safetensors.index.json` (or one `model.safetensors`) and opened lazily,
-memory-mapped: only shards holding tensors this process needs are opened, and each tensor is copied
-straight into its parameter on the target device, so host memory never holds a full state dict.
-Every expected tensor's presence, shape and dtype is checked before any weight is copied.
+Shard names come from `model.safetensors.index.json` (or the directory holds one `model.safetensors`);
+other files are ignored. Before any memory is allocated for weights, the index is checked against the
+config (every tensor present, nothing unknown but the MTP layers) and each tensor this process reads
+is checked for shape and dtype in its shard's header. Shards are then read one after another,
+memory-mapped, each tensor copied straight into its parameter on the target device, and each shard is
+closed after its last tensor: host memory holds the model plus one mapped shard, never a state dict.
+An expert-parallel rank reads the replicated tensors and its own routed experts only; shards holding
+none of them are never opened.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
-from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors
+from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors, routed_expert_id
 from dsr1.config import ModelConfig
 from dsr1.model.transformer import Transformer
 from dsr1.parallel.dispatch import Dispatcher
@@ -30,44 +35,58 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 
 @dataclass
 class LoadStats:
-    """What one process read, against the whole checkpoint."""
+    """What one process read, against the whole checkpoint and against its ideal share of it.
 
+    ideal_bytes = replicated bytes + routed-expert bytes * n_local / n_routed (routed / ep_size).
+    """
+
+    rank: int
     tensors_read: int
     bytes_read: int
     tensors_total: int
     bytes_total: int
     shards_opened: int
     shards_total: int
+    ideal_bytes: int
+
+    @property
+    def ideal_ratio(self) -> float:
+        return self.bytes_read / max(self.ideal_bytes, 1)
 
     def summary(self) -> str:
         return (
-            f"read {self.tensors_read}/{self.tensors_total} tensors, {self.bytes_read / 2**30:.3f}/{self.bytes_total / 2**30:.3f} GiB "
-            f"({self.bytes_read / max(self.bytes_total, 1):.1%}), from {self.shards_opened}/{self.shards_total} shards"
+            f"rank {self.rank}: read {self.tensors_read}/{self.tensors_total} tensors, "
+            f"{_size(self.bytes_read)} of {_size(self.bytes_total)} ({self.bytes_read / max(self.bytes_total, 1):.1%}) "
+            f"from {self.shards_opened}/{self.shards_total} shards; {self.ideal_ratio:.3f}x the ideal "
+            f"{_size(self.ideal_bytes)} (replicated + this rank's share of the routed experts)"
         )
 
 
 class Checkpoint:
-    """A checkpoint directory: its config, and which shard holds each tensor (shards opened on demand)."""
+    """A checkpoint directory: its config, which shard holds each tensor, and the shards open now."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
         self.config = ModelConfig.from_file(self.path / "config.json")
+        self.weight_map: dict[str, str] = {}  # tensor name -> shard file name
         index = self.path / INDEX_FILE
         if index.is_file():
-            try:
-                raw = json.loads(index.read_text())
-                self.weight_map: dict[str, str] = dict(raw["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
+            self.weight_map = _read_index(index)
         elif (self.path / SINGLE_FILE).is_file():
             with self._open(SINGLE_FILE) as f:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise FileNotFoundError(f"{self.path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
         self.shards = sorted(set(self.weight_map.values()))
+        # Every rank fails alike on a missing shard, even one it would not read.
+        absent = [s for s in self.shards if not (self.path / s).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} shard files listed in {index} are missing: " + "; ".join(map(self._describe_shard, absent[:5])))
         self._handles: dict[str, object] = {}
+        self.opened: set[str] = set()  # every shard opened so far
+        self.tensors_read = self.bytes_read = 0
 
     @property
     def is_fp8(self) -> bool:
@@ -77,62 +96,108 @@ class Checkpoint:
         """The open (memory-mapped) shard `filename`."""
         if filename not in self._handles:
             self._handles[filename] = self._open(filename)
+            self.opened.add(filename)
         return self._handles[filename]
 
+    def close(self, filename: str) -> None:
+        """Unmap a shard, so its pages leave this process's memory."""
+        self._handles.pop(filename, None)
+
     def _open(self, filename: str):
-        file = self.path / filename
-        if not file.is_file():
-            raise FileNotFoundError(f"shard {file} is listed in {INDEX_FILE} but missing")
         try:
-            return safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for bad headers and sizes
-            raise ValueError(f"shard {file} is truncated or corrupt: {e}") from e
+            return safe_open(str(self.path / filename), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for bad headers and sizes
+            raise ValueError(f"{self._describe_shard(filename)} is truncated or corrupt: {e}") from e
+
+    def _describe_shard(self, filename: str) -> str:
+        names = [n for n, f in self.weight_map.items() if f == filename]
+        return f"shard {self.path / filename}" + (f" (holding {len(names)} tensors, e.g. {names[0]})" if names else "")
 
     def total_bytes(self) -> int:
-        return sum((self.path / s).stat().st_size for s in self.shards if (self.path / s).is_file())
+        return sum((self.path / s).stat().st_size for s in self.shards)
 
-    def check(self, specs: list[TensorSpec], rank: int = 0) -> None:
-        """Every spec is in the index and in its shard with the right shape and dtype; no unknown tensors."""
-        cfg = self.config
-        known = {s.hf_name for s in checkpoint_tensors(cfg, self.is_fp8, mtp=True)}
-        unexpected = [n for n in self.weight_map if n not in known]
-        missing = [s for s in specs if s.hf_name not in self.weight_map]
-        if missing or unexpected:
-            lines = [f"checkpoint {self.path} does not match its config.json:"]
-            if missing:
-                lines.append(f"  {len(missing)} missing tensors, e.g. " + ", ".join(_describe(s, rank) for s in missing[:5]))
-            if unexpected:
-                lines.append(f"  {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}")
-                experts = [n for n in unexpected if ".mlp.experts." in n]
-                if experts:
-                    lines.append(f"  (config.json says n_routed_experts={cfg.n_routed_experts}; the checkpoint has experts beyond that)")
-            raise ValueError("\n".join(lines))
+    def check(self, specs: list[TensorSpec], load_mtp: bool, rank: int = 0) -> None:
+        """Raise unless the checkpoint holds what the config implies and `specs` (this rank's tensors)
+        have the right shape and dtype. Only the shards holding `specs` are opened (headers only)."""
+        self.check_names(load_mtp, {s.expert_id for s in specs if s.expert_id is not None}, rank)
         for spec in specs:
             filename = self.weight_map[spec.hf_name]
             f = self.shard(filename)
             try:
                 view = f.get_slice(spec.hf_name)
             except Exception as e:
-                raise ValueError(f"tensor {spec.hf_name} is listed for shard {filename} but is not in it: {e}") from e
+                raise ValueError(f"rank {rank}: tensor {spec.hf_name} is listed in {INDEX_FILE} for shard {filename}, which does not hold it ({e})") from e
             shape, dtype = tuple(view.get_shape()), SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype())
             if shape != spec.shape or dtype != spec.dtype:
                 raise ValueError(
-                    f"tensor {spec.hf_name} in shard {filename}: expected shape {list(spec.shape)} dtype {spec.dtype}, "
+                    f"rank {rank}: tensor {spec.hf_name} in shard {filename}: expected shape {list(spec.shape)} dtype {spec.dtype}, "
                     f"found shape {list(shape)} dtype {dtype}"
                 )
+
+    def check_names(self, load_mtp: bool, local_expert_ids: set[int], rank: int) -> None:
+        """The index (names only) holds every tensor of every expert the config implies, and no tensor
+        it does not know: all ranks see the same names, so all of them fail together."""
+        cfg = self.config
+        expected = checkpoint_tensors(cfg, self.is_fp8, mtp=load_mtp)
+        known = {s.hf_name for s in checkpoint_tensors(cfg, self.is_fp8, mtp=True)}  # MTP tensors are known, read only with load_mtp
+        missing = [s for s in expected if s.hf_name not in self.weight_map]
+        unexpected = [n for n in self.weight_map if n not in known]
+        if not missing and not unexpected:
+            return
+        lines = [f"rank {rank}: checkpoint {self.path} does not match its config.json:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing tensors, e.g. " + ", ".join(_describe(s, local_expert_ids, rank) for s in missing[:5]))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected tensors, e.g. " + ", ".join(f"{n} (in {self.weight_map[n]})" for n in unexpected[:5]))
+        absent = sorted({s.expert_id for s in missing if s.expert_id is not None})
+        extra = sorted({e for n in unexpected if (e := routed_expert_id(n)) is not None and e >= cfg.n_routed_experts})
+        if absent:
+            lines.append(f"  routed experts {absent} are missing; config.json says n_routed_experts={cfg.n_routed_experts}")
+        if extra:
+            lines.append(f"  the checkpoint has routed experts {extra}, beyond config.json's n_routed_experts={cfg.n_routed_experts}")
+        if not self.is_fp8 and any(n.endswith(".weight_scale_inv") for n in unexpected):
+            lines.append("  the checkpoint holds FP8 block scales (weight_scale_inv), but config.json has no quantization_config")
+        raise ValueError("\n".join(lines))
 
     def read(self, spec: TensorSpec) -> torch.Tensor:
         filename = self.weight_map[spec.hf_name]
         try:
-            return self.shard(filename).get_tensor(spec.hf_name)
+            tensor = self.shard(filename).get_tensor(spec.hf_name)
         except Exception as e:
             raise ValueError(f"could not read tensor {spec.hf_name} from shard {self.path / filename}: {e}") from e
+        self.tensors_read += 1
+        self.bytes_read += tensor.nbytes
+        return tensor
 
 
-def _describe(spec: TensorSpec, rank: int) -> str:
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def _describe(spec: TensorSpec, local_expert_ids: set[int], rank: int) -> str:
     if spec.expert_id is None:
         return spec.hf_name
-    return f"{spec.hf_name} (routed expert {spec.expert_id}, needed by rank {rank})"
+    holder = f"rank {rank} holds it" if spec.expert_id in local_expert_ids else "held by another rank"
+    return f"{spec.hf_name} (routed expert {spec.expert_id}, {holder})"
+
+
+def local_experts(cfg: ModelConfig, dispatcher: Dispatcher | None, rank: int) -> list[int]:
+    """The global routed expert in each local slot: the dispatcher's, checked against the config."""
+    if dispatcher is None:
+        return list(range(cfg.n_routed_experts))
+    ids = [int(e) for e in dispatcher.local_expert_ids]
+    if len(ids) != dispatcher.n_local_experts or len(set(ids)) != len(ids) or not all(0 <= e < cfg.n_routed_experts for e in ids):
+        raise ValueError(
+            f"rank {rank}: dispatcher.local_expert_ids={ids} must be n_local_experts={dispatcher.n_local_experts} distinct "
+            f"expert ids in [0, {cfg.n_routed_experts}) (config.json n_routed_experts)"
+        )
+    return ids
 
 
 def build_model(cfg: ModelConfig, device, dtype: torch.dtype, fp8: bool, **kwargs) -> Transformer:
@@ -141,7 +206,7 @@ def build_model(cfg: ModelConfig, device, dtype: torch.dtype, fp8: bool, **kwarg
         model = Transformer(cfg, fp8=fp8, **kwargs)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            keep = p.dtype in (FP8_DTYPE,) or name.endswith("scale")
+            keep = p.dtype == FP8_DTYPE or name.endswith("scale")
             setattr(module, name, torch.nn.Parameter(p.to(p.dtype if keep else dtype), requires_grad=False))
     model.to_empty(device=device)
     model.init_buffers()
@@ -160,11 +225,12 @@ def load_model(
     rank: int = 0,
     progress: bool = True,
 ) -> Transformer:
-    """Load the checkpoint at `path` (dsr1.load_model).
+    """Load the checkpoint at `path` (dsr1.load_model); the result's `.load_stats` says what was read.
 
     device/dtype default to CUDA + bf16 when available, else CPU + float32. fp8=True keeps FP8 weights
     in memory and dequantizes per matmul; otherwise they are dequantized once, here. The dispatcher's
-    `local_expert_ids` say which routed experts this process holds (all of them by default).
+    `local_expert_ids` say which routed experts this process holds, in slot order (all by default);
+    `rank` only labels messages.
     """
     default_device, default_dtype = default_device_dtype()
     device = torch.device(device or default_device)
@@ -173,41 +239,49 @@ def load_model(
     cfg = ckpt.config
     if fp8 and not ckpt.is_fp8:
         raise ValueError(f"fp8=True keeps FP8 weights in memory, but {ckpt.path} is not an FP8 checkpoint (no quantization_config)")
+    expert_ids = local_experts(cfg, dispatcher, rank)
+    specs = checkpoint_tensors(cfg, ckpt.is_fp8, expert_ids=expert_ids, mtp=load_mtp)
+    ckpt.check(specs, load_mtp, rank)  # nothing is allocated or copied before this passes
     model = build_model(cfg, device, dtype, fp8, dispatcher=dispatcher, attn_impl=attn_impl, max_seq_len=max_seq_len, load_mtp=load_mtp)
-    specs = checkpoint_tensors(cfg, ckpt.is_fp8, expert_ids=model.dispatcher.local_expert_ids, mtp=load_mtp)
-    ckpt.check(specs, rank)
+    copy_weights(ckpt, specs, model, fp8, progress)
 
-    scales = {s.hf_name: s for s in specs if s.is_scale}
-    todo = [s for s in specs if fp8 or not s.is_scale]  # dequantizing: each scale is read with its weight
-    bytes_read = 0
-    bar = tqdm(total=sum(_nbytes(s) for s in specs), unit="B", unit_scale=True, desc=f"loading {ckpt.path.name}", disable=not progress)
-    for spec in todo:
-        tensor = ckpt.read(spec)
-        bar.update(_nbytes(spec))
-        if spec.dtype == FP8_DTYPE and not fp8:
-            scale = scales[spec.hf_name.removesuffix(".weight") + ".weight_scale_inv"]
-            bar.update(_nbytes(scale))
-            bytes_read += _nbytes(scale)
-            tensor = dequantize(tensor.to(device), ckpt.read(scale).to(device), dtype)
-        _target(model, spec).copy_(tensor)
-        bytes_read += _nbytes(spec)
-    bar.close()
+    every = checkpoint_tensors(cfg, ckpt.is_fp8, mtp=load_mtp)
+    routed = sum(s.nbytes for s in every if s.expert_id is not None)
     model.load_stats = LoadStats(
-        tensors_read=len(specs),
-        bytes_read=bytes_read,
+        rank=rank,
+        tensors_read=ckpt.tensors_read,
+        bytes_read=ckpt.bytes_read,
         tensors_total=len(ckpt.weight_map),
         bytes_total=ckpt.total_bytes(),
-        shards_opened=len(ckpt._handles),
+        shards_opened=len(ckpt.opened),
         shards_total=len(ckpt.shards),
+        ideal_bytes=sum(s.nbytes for s in every) - routed + routed * len(expert_ids) // cfg.n_routed_experts,
     )
     return model.eval()
 
 
-def _nbytes(spec: TensorSpec) -> int:
-    n = spec.dtype.itemsize
-    for d in spec.shape:
-        n *= d
-    return n
+def copy_weights(ckpt: Checkpoint, specs: list[TensorSpec], model: Transformer, fp8: bool, progress: bool) -> None:
+    """Copy every spec into `model`, shard after shard, closing each shard after its last tensor."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    if fp8:
+        groups = [[s] for s in specs]
+    else:  # dequantizing here: each FP8 weight is read with its scale, which may sit in another shard
+        by_name = {s.hf_name: s for s in specs}
+        groups = [[s, by_name[s.scale_name]] if s.dtype == FP8_DTYPE else [s] for s in specs if not s.is_scale]
+    groups.sort(key=lambda g: ckpt.weight_map[g[0].hf_name])  # stable: file order within a shard
+    reads_left = Counter(ckpt.weight_map[s.hf_name] for s in specs)
+    bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"loading {ckpt.path.name}", disable=not progress)
+    for group in groups:
+        tensors = [ckpt.read(s).to(device) for s in group]
+        for s in group:
+            filename = ckpt.weight_map[s.hf_name]
+            reads_left[filename] -= 1
+            if not reads_left[filename]:
+                ckpt.close(filename)
+            bar.update(s.nbytes)
+        value = tensors[0] if len(group) == 1 else dequantize(tensors[0], tensors[1], dtype)
+        _target(model, group[0]).copy_(value)
+    bar.close()
 
 
 def _target(model: Transformer, spec: TensorSpec) -> torch.Tensor:
@@ -216,6 +290,10 @@ def _target(model: Transformer, spec: TensorSpec) -> torch.Tensor:
     except AttributeError:
         t = model.get_buffer(spec.param)
     return t.data if spec.slot is None else t.data[spec.slot]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def default_device_dtype() -> tuple[str, torch.dtype]:

@@ -7,6 +7,8 @@ spread wide enough that tokens use many experts.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 from pathlib import Path
@@ -27,7 +29,9 @@ def random_tensor(spec: TensorSpec, gen: torch.Generator, n_layers: int) -> torc
     """A full-precision value for `spec` (before any FP8 quantization)."""
     name, shape = spec.hf_name, spec.shape
     if name.endswith("e_score_correction_bias"):
-        return torch.randn(shape, generator=gen) * 0.1
+        # Small next to the spread of the sigmoid scores (std ~0.3): it flips some choices, as R1's does,
+        # without favouring a few experts (std 0.1 left some experts 5x busier than others).
+        return torch.randn(shape, generator=gen) * 0.02
     if len(shape) == 1:  # RMSNorm weights: near one, not all equal
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if "embed_tokens" in name:
@@ -38,6 +42,17 @@ def random_tensor(spec: TensorSpec, gen: torch.Generator, n_layers: int) -> torc
     if name.endswith("mlp.gate.weight"):
         std *= 2.0  # wide router logits: many experts win for some tokens
     return torch.randn(shape, generator=gen) * std
+
+
+def split_points(sizes: list[int], n: int) -> list[int]:
+    """Cut a list of tensor sizes into n contiguous non-empty runs of about equal bytes, as HF's
+    max_shard_size does: returns n + 1 boundaries. Like R1, a layer's experts then span one or more shards."""
+    ends = list(itertools.accumulate(sizes))  # ends[i]: bytes of items [0, i]
+    cuts = [0]
+    for k in range(1, n):
+        cut = bisect.bisect_right(ends, k * ends[-1] / n)  # the items that end within the first k/n of the bytes
+        cuts.append(min(max(cut, cuts[-1] + 1), len(sizes) - (n - k)))
+    return [*cuts, len(sizes)]
 
 
 def write_checkpoint(config: dict | str | Path, out: str | Path, seed: int = 0, dtype: str = "fp8", shards: int = 1) -> Path:
@@ -57,24 +72,26 @@ def write_checkpoint(config: dict | str | Path, out: str | Path, seed: int = 0, 
 
     specs = checkpoint_tensors(cfg, fp8=dtype == "fp8", mtp=True)
     weights = [s for s in specs if not s.is_scale]
-    per_shard = math.ceil(len(weights) / shards)
+    if shards > len(weights):
+        raise ValueError(f"--shards={shards} exceeds the {len(weights)} weight tensors of this config")
+    by_name = {s.hf_name: s for s in specs}
+    sizes = [w.nbytes + (by_name[w.scale_name].nbytes if w.dtype == FP8_DTYPE else 0) for w in weights]
+    cuts = split_points(sizes, shards)
     gen = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for i in range(shards):
-        filename = f"model-{i + 1:05d}-of-{shards:06d}.safetensors"
+        filename = f"model-{i + 1:05d}-of-{shards:06d}.safetensors"  # R1: model-00001-of-000163.safetensors
         tensors = {}
-        for spec in weights[i * per_shard : (i + 1) * per_shard]:
+        for spec in weights[cuts[i] : cuts[i + 1]]:
             value = random_tensor(spec, gen, cfg.n_layers)
             if spec.dtype == FP8_DTYPE:
-                q, scale_inv = quantize(value)
-                tensors[spec.hf_name] = q
-                tensors[spec.hf_name.removesuffix(".weight") + ".weight_scale_inv"] = scale_inv
+                tensors[spec.hf_name], tensors[spec.scale_name] = quantize(value)
             else:
                 tensors[spec.hf_name] = value.to(spec.dtype)
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         for name, t in tensors.items():
             weight_map[name] = filename
-            total += t.numel() * t.element_size()
+            total += t.nbytes
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     copy_tokenizer_files(out)
