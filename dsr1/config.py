@@ -16,14 +16,18 @@ from typing import Any
 
 @dataclass(frozen=True)
 class YarnConfig:
-    """`rope_scaling` with `type: yarn` (R1: factor 40 over 4096 original positions)."""
+    """`rope_scaling` with `type: yarn` (R1: factor 40 over 4096 original positions).
+
+    Missing mscale / mscale_all_dim default to 1 / 0 as in DeepSeek's modeling_deepseek.py and HF:
+    then cos/sin carry mscale(factor) and the softmax scale is left alone. R1 sets both to 1.
+    """
 
     factor: float
     original_max_position_embeddings: int
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    mscale_all_dim: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class ModelConfig:
             raise ValueError(f"{source}: attention_bias=true is not supported; DeepSeek-R1 has no attention bias")
         if not r.get("norm_topk_prob", bool, True):
             raise ValueError(f"{source}: norm_topk_prob=false is not supported; R1 normalizes the top-k sigmoid weights")
+        if not r.get("rope_interleave", bool, True):
+            raise ValueError(f"{source}: rope_interleave=false is not supported; R1 checkpoints store rope rows as interleaved pairs")
         n_heads = r.need("num_attention_heads", int)
         n_kv = r.get("num_key_value_heads", int, n_heads)
         if n_kv != n_heads:
@@ -135,7 +141,7 @@ class ModelConfig:
             route_scale=r.need("routed_scaling_factor", float),
             norm_topk_prob=True,
             rms_norm_eps=r.get("rms_norm_eps", float, 1e-6),
-            rope_theta=r.get("rope_theta", float, 10000.0),
+            rope_theta=r.get("rope_theta", float, _nested(raw, "rope_parameters", "rope_theta", 10000.0)),
             max_position_embeddings=r.need("max_position_embeddings", int),
             yarn=_read_yarn(raw, source),
             quant=_read_quant(raw, source),
@@ -209,24 +215,34 @@ class _Reader:
         return typ(value)
 
 
+def _nested(raw: dict[str, Any], outer: str, key: str, default):
+    """raw[outer][key] when raw[outer] is a dict holding key, else `default`."""
+    inner = raw.get(outer)
+    return inner.get(key, default) if isinstance(inner, dict) else default
+
+
 def _read_yarn(raw: dict[str, Any], source: str) -> YarnConfig | None:
-    rope = raw.get("rope_scaling")
+    """R1's `rope_scaling`, or `rope_parameters` as transformers >= 5 saves the same dict (with rope_type 'default' if no YaRN)."""
+    key = "rope_scaling" if raw.get("rope_scaling") is not None else "rope_parameters"
+    rope = raw.get(key)
     if rope is None:
         return None
-    r = _Reader(rope, f"{source}: rope_scaling")
+    r = _Reader(rope, f"{source}: {key}")
     kind = rope.get("type", rope.get("rope_type"))
+    if key == "rope_parameters" and kind == "default":
+        return None
     if kind != "yarn":
-        raise ValueError(f"{source}: rope_scaling type={kind!r} is not supported; DeepSeek-R1 uses 'yarn' (or omit rope_scaling)")
+        raise ValueError(f"{source}: {key} type={kind!r} is not supported; DeepSeek-R1 uses 'yarn' (or omit {key})")
     yarn = YarnConfig(
         factor=r.need("factor", float),
         original_max_position_embeddings=r.need("original_max_position_embeddings", int),
         beta_fast=r.get("beta_fast", float, 32.0),
         beta_slow=r.get("beta_slow", float, 1.0),
         mscale=r.get("mscale", float, 1.0),
-        mscale_all_dim=r.get("mscale_all_dim", float, 1.0),
+        mscale_all_dim=r.get("mscale_all_dim", float, 0.0),
     )
     if yarn.factor < 1:
-        raise ValueError(f"{source}: rope_scaling.factor={yarn.factor} must be >= 1")
+        raise ValueError(f"{source}: {key}.factor={yarn.factor} must be >= 1")
     return yarn
 
 

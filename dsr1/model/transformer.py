@@ -64,7 +64,8 @@ class MTPBlock(Block):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h: Tensor, next_tokens: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache=None):
-        """h: [b, s, m] main-model hidden states (before the final norm), next_tokens: [b, s] -> (logits [b, s, v] fp32, h')."""
+        """h: [b, s, m] main-model hidden states (after its final norm, as vLLM and HF feed them),
+        next_tokens: [b, s] -> (logits [b, s, v] fp32, h')."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
         x = super().forward(x, positions, freqs_cis, keep, cache)
         return self.shared_head.head(self.shared_head.norm(x)).float(), x
@@ -121,7 +122,7 @@ class Transformer(nn.Module):
         its own positions and it attends to cache rows [0, start_pos[i] + j]: rows of different lengths
         decode together. Returns logits [b, s, v] fp32, or [b, v] for one position per row if
         `logits_at` [b] gives its index in [0, s) (generation never pays for the others); with
-        `return_hidden`, also the last layer's output before the norm ([b, s, m], the MTP block's input).
+        `return_hidden`, also the final-normed hidden states ([b, s, m], the MTP block's input).
         """
         b, s = tokens.shape
         positions = self.positions(tokens, start_pos)  # [b, s]
@@ -130,8 +131,10 @@ class Transformer(nn.Module):
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, freqs_cis, keep, None if cache is None else cache[i])
+        if return_hidden:
+            h = self.norm(h)  # all positions normed: the MTP block's input
         out = h if logits_at is None else h[torch.arange(b, device=h.device), logits_at]  # [b, s, m] or [b, m]
-        logits = self.head(self.norm(out)).float()
+        logits = self.head(out if return_hidden else self.norm(out)).float()
         return (logits, h) if return_hidden else logits
 
     def mtp_forward(self, h: Tensor, next_tokens: Tensor, start_pos: Tensor | int = 0, cache: list | None = None) -> Tensor:

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny config and session-cached synthetic checkpoints written from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsr1.checkpoint.synthetic import write_checkpoint
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+
+
+def pytest_configure(config):
+    # Tiny models: intra-op threads cost more than they save, and with other processes on the
+    # machine their spin-waiting makes a forward pass 30x slower.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    """configs/tiny.json as a dict (a fresh copy per test: mutate freely)."""
+    return json.loads(TINY_CONFIG.read_text())
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(overrides=None, dtype='fp8', seed=0) -> directory of a synthetic HF checkpoint.
+
+    `overrides` update configs/tiny.json's keys (None writes JSON null). Each distinct
+    (overrides, dtype, seed) is written once per session.
+    """
+    cache: dict[str, Path] = {}
+
+    def make(overrides: dict | None = None, dtype: str = "fp8", seed: int = 0) -> Path:
+        key = json.dumps([overrides, dtype, seed], sort_keys=True)
+        if key not in cache:
+            raw = {**json.loads(TINY_CONFIG.read_text()), **(overrides or {})}
+            out = tmp_path_factory.mktemp(f"ckpt-{dtype}-{len(cache)}")
+            cache[key] = write_checkpoint(raw, out, seed=seed, dtype=dtype)
+        return cache[key]
+
+    return make
