@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 BOS = "<｜begin▁of▁sentence｜>"  # id 0
 EOS = "<｜end▁of▁sentence｜>"  # id 1
@@ -75,6 +76,10 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
 @lru_cache(maxsize=8)
 def _load_dir(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
     """Load tokenizer files from tokenizer_dir with transformers, never touching the network."""
+    # R1's tokenizer_config.json names LlamaTokenizerFast for a byte-level tokenizer.json; transformers
+    # warns on every load and then does the right thing (a byte-level fast tokenizer), so mute it.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(
             tokenizer_dir, local_files_only=True, trust_remote_code=False
@@ -84,6 +89,8 @@ def _load_dir(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
         # (custom code, a model_type this transformers lacks) must not block the tokenizer.
         if not (tokenizer_dir / "config.json").exists():
             raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return _load_fast(tokenizer_dir)
 
 

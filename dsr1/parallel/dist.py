@@ -52,3 +52,10 @@ def log_rank0(msg: str) -> None:
     """Print `msg` once per job: on rank 0, or always when there is no process group."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
+
+
+def rank_share(n_items: int, rank: int, world_size: int) -> range:
+    """The items rank `rank` handles when n_items are split data-parallel: contiguous blocks of
+    ceil(n / world) (so with few items the last ranks may get none, and still join every collective)."""
+    per_rank = -(-n_items // world_size)
+    return range(min(rank * per_rank, n_items), min((rank + 1) * per_rank, n_items))
