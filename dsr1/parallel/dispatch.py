@@ -61,10 +61,20 @@ def group_by_expert(slots: Tensor, n_slots: int) -> tuple[Tensor, Tensor, Tensor
     return order, row, counts
 
 
-def weighted_sum(rows: Tensor, token: Tensor, weight: Tensor, n_tokens: int, dtype: torch.dtype) -> Tensor:
-    """Σ_k w_k · y_k per token, in fp32: rows [p, m] of expert outputs, token [p], weight [p] -> [n, m] in dtype."""
-    out = torch.zeros(n_tokens, rows.shape[-1], dtype=torch.float32, device=rows.device)
-    out.index_add_(0, token, rows.float() * weight.float().unsqueeze(-1))
+def weighted_sum(rows: Tensor, pair: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """Σ_j w_j · y_j per token, accumulated in fp32 in j order as DeepEP's combine kernel does, so the
+    result is deterministic (a scatter-add's order is not on GPU) and equal across dispatchers.
+
+    rows [p, m]: expert outputs of the pairs `pair` [p] (flat index token * k + j); weights [n, k].
+    Pairs never sent (expert id -1) count as zero. Returns [n, m] in dtype.
+    """
+    n, k = weights.shape
+    per_pair = rows.new_zeros(n * k, rows.shape[-1], dtype=torch.float32)
+    per_pair[pair] = rows.float()
+    per_pair = per_pair.view(n, k, rows.shape[-1])  # [n, k, m]
+    out = torch.zeros(n, rows.shape[-1], dtype=torch.float32, device=rows.device)
+    for j in range(k):
+        out += per_pair[:, j] * weights[:, j : j + 1].float()
     return out.to(dtype)
 
 
@@ -108,11 +118,11 @@ class LocalDispatcher:
         slot = expert_ids.flatten()[order]
         recv_x = x.new_zeros(self.n_local_experts, n, x.shape[-1])  # [e, n, m]
         recv_x[slot, row] = x[token]
-        return recv_x, counts.int(), (slot, row, token, weights.flatten()[order], n)
+        return recv_x, counts.int(), (slot, row, order, weights)
 
     def combine(self, y: Tensor, handle: Any) -> Tensor:
-        slot, row, token, weight, n = handle
-        return weighted_sum(y[slot, row], token, weight, n, y.dtype)
+        slot, row, pair, weights = handle
+        return weighted_sum(y[slot, row], pair, weights, y.dtype)
 
 
 class _Routes(NamedTuple):
@@ -122,9 +132,8 @@ class _Routes(NamedTuple):
     row: Tensor  # [q] its row within that slot of recv_x
     send_splits: list[int]  # [R] pairs sent to each rank
     recv_splits: list[int]  # [R] rows received from each rank
-    token: Tensor  # [p] source token of each sent pair
-    weight: Tensor  # [p] its router weight
-    n_tokens: int
+    pair: Tensor  # [p] flat (token * k + j) index of each sent pair
+    weights: Tensor  # [n, k] router weights
     dtype: torch.dtype
 
 
@@ -176,14 +185,14 @@ class TorchDispatcher:
         row = torch.arange(q, device=x.device) + (slot_start - block_start).repeat_interleave(recv_counts, output_size=q)
         recv_x = x.new_zeros(n_local, n_ranks * self.max_tokens, x.shape[-1])  # [e, R*T, m]
         recv_x[slot, row] = recv
-        routes = _Routes(slot, row, send_splits, recv_splits, token, weights.flatten()[pair], n, x.dtype)
+        routes = _Routes(slot, row, send_splits, recv_splits, pair, weights, x.dtype)
         return recv_x, per_source.sum(0).int(), routes
 
     def combine(self, y: Tensor, handle: Any) -> Tensor:
         back = y[handle.slot, handle.row]  # [q, m]
         ret = y.new_empty(sum(handle.send_splits), y.shape[-1])  # [p, m], in the order the pairs were sent
         dist.all_to_all_single(ret, back, handle.send_splits, handle.recv_splits, group=self.group)
-        return weighted_sum(ret, handle.token, handle.weight, handle.n_tokens, handle.dtype)
+        return weighted_sum(ret, handle.pair, handle.weights, handle.dtype)
 
 
 def make_dispatcher(
