@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,9 +12,11 @@ import torch
 import torch.distributed as dist
 
 from dsr1 import embedded
-from dsr1.checkpoint.loader import load_model
 from dsr1.generation import generate
 from dsr1.model.attention import ATTN_IMPLS
+from dsr1.parallel.dist import init_distributed, rank_share
+from dsr1.parallel.launch import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
+from dsr1.parallel.placement import STRATEGIES
 from dsr1.tokenizer import decode, encode_messages, encode_prompt, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -54,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     output = p.add_argument_group("output")
     output.add_argument("--json", action="store_true", help='one JSON object per prompt per line: {"prompt", "prompt_token_ids", "token_ids", "text"}')
 
-    # Expert parallelism (--ep, --expert-placement, --all2all, --deepep-fp8-dispatch, --max-dispatch-tokens)
-    # goes here as its own argument group; check_world_size() then accepts WORLD_SIZE > 1 when --ep is set.
+    ep = p.add_argument_group("expert parallelism (launch with torchrun --nproc-per-node EP)")
+    ep.add_argument("--ep", type=int, default=1, help="expert-parallel ranks = processes; attention runs data-parallel over them (default 1)")
+    ep.add_argument("--expert-placement", choices=STRATEGIES, default=DEFAULT_PLACEMENT, help="linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+EP, r+2EP, ...")
+    ep.add_argument("--all2all", choices=("torch", "deepep_ll"), default=DEFAULT_ALL2ALL, help="token dispatch: torch.distributed collectives (gloo/NCCL) or DeepEP low-latency kernels")
+    ep.add_argument("--deepep-fp8-dispatch", action="store_true", help="DeepEP sends FP8 activations with per-128 scales (default BF16)")
+    ep.add_argument("--max-dispatch-tokens", type=int, default=128, help="tokens per rank per dispatch; longer prefills are split (default 128)")
     return p
 
 
@@ -65,28 +70,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.interactive and (args.prompt or args.input_file or args.json or not args.chat):
         parser.error("--interactive reads prompts from stdin in the chat format; drop --prompt, --input-file, --json and --no-chat")
     try:
-        check_world_size()
         run(args)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
-def check_world_size() -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        raise ValueError(
-            f"WORLD_SIZE={world_size}: several processes only help with expert parallelism (--ep), which "
-            f"generate.py does not support yet; launch one process (torchrun --nproc-per-node 1)"
-        )
-
-
 def run(args: argparse.Namespace) -> None:
     texts = [] if args.interactive else read_prompts(args)  # before the slow load: a bad --input-file fails fast
+    rank, world, _ = init_distributed()
     if args.ckpt_path is None:
         # The tiny model's ops are too small to gain from intra-op threads, and on a busy machine
         # threads that wait on each other made its 32-token decode 20x slower (0.7 s -> 17 s).
         torch.set_num_threads(1)
+        if rank != 0:
+            dist.barrier()  # rank 0 builds the cached checkpoint first
         path, defaults = embedded.tiny_checkpoint(), EMBEDDED_DEFAULTS
+        if rank == 0 and world > 1:
+            dist.barrier()
         print_rank0(f"no --ckpt-path: running the embedded tiny random-weight checkpoint {path}", file=sys.stderr)
     else:
         path, defaults = Path(args.ckpt_path), CHECKPOINT_DEFAULTS
@@ -94,21 +94,29 @@ def run(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     tokenizer = load_tokenizer(path)
-    model = load_model(
-        path, device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, attn_impl=args.attn_impl,
+    model, group = load_ep_model(
+        path, args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens,
+        device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, attn_impl=args.attn_impl,
         max_seq_len=args.max_seq_len, progress=is_rank0(),
     )
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if group is not None:  # what each rank read of the checkpoint (its own experts only)
+        for line in gather_to_rank0(model.load_stats.summary(), group) or []:
+            print_rank0(line, file=sys.stderr)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, group=group)
     if args.interactive:
         chat_loop(model, tokenizer, sampling)
         return
     prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
+    mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
     if len(texts) == 1 and not args.json:
-        stream = TextStream(tokenizer)
-        generate(model, prompt_ids, on_token=stream, **sampling)
+        stream = TextStream(tokenizer)  # the prompt is rank 0's
+        generate(model, [prompt_ids[i] for i in mine], on_token=stream, **sampling)
         stream.finish()
         return
-    outputs = generate(model, prompt_ids, **sampling)
+    shares = gather_to_rank0(generate(model, [prompt_ids[i] for i in mine], **sampling), group)
+    if shares is None:
+        return
+    outputs = [out for share in shares for out in share]  # rank order = input order
     for text, ids, out in zip(texts, prompt_ids, outputs):
         completion = decode(tokenizer, out)
         if args.json:
@@ -131,31 +139,53 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def chat_loop(model, tokenizer, sampling: dict) -> None:
-    """Multi-turn chat: each reply joins the history (the chat format drops its reasoning)."""
+    """Multi-turn chat: each reply joins the history (the chat format drops its reasoning).
+
+    Rank 0 reads stdin and keeps the history; under expert parallelism it broadcasts what to do next
+    and the other ranks, holding no prompt of their own, join every forward."""
+    group = sampling["group"]
     messages: list[dict] = []
     while True:
-        try:
-            line = input(">>> ").strip()
-        except EOFError:
+        prompt = next_chat_prompt(model, tokenizer, messages, sampling["max_new_tokens"]) if is_rank0() else None
+        if group is not None:
+            box = [prompt]
+            dist.broadcast_object_list(box, src=0, group=group)
+            prompt = box[0]
+        if prompt == "exit":
             return
-        if line == "/exit":
-            return
-        if line == "/clear":
-            messages.clear()
-            print_rank0("(history cleared)")
+        if prompt is None:
             continue
-        if not line:
-            continue
-        messages.append({"role": "user", "content": line})
         stream = TextStream(tokenizer)
-        try:
-            out = generate(model, [encode_messages(tokenizer, messages)], on_token=stream, **sampling)[0]
-        except ValueError as e:  # the conversation outgrew max_seq_len
-            messages.pop()
-            print_rank0(f"error: {e}; /clear starts a new conversation", file=sys.stderr)
-            continue
+        outputs = generate(model, [prompt] if is_rank0() else [], on_token=stream, **sampling)
         stream.finish()
-        messages.append({"role": "assistant", "content": decode(tokenizer, out)})
+        if is_rank0():
+            messages.append({"role": "assistant", "content": decode(tokenizer, outputs[0])})
+
+
+def next_chat_prompt(model, tokenizer, messages: list[dict], max_new_tokens: int) -> list[int] | str | None:
+    """Read one stdin line: the next prompt's ids, "exit" (/exit or end of input), or None (nothing to run)."""
+    try:
+        line = input(">>> ").strip()
+    except EOFError:
+        return "exit"
+    if line == "/exit":
+        return "exit"
+    if line == "/clear":
+        messages.clear()
+        print_rank0("(history cleared)")
+        return None
+    if not line:
+        return None
+    messages.append({"role": "user", "content": line})
+    ids = encode_messages(tokenizer, messages)
+    if len(ids) + max_new_tokens > model.max_seq_len:
+        messages.pop()
+        print_rank0(
+            f"error: the conversation needs {len(ids) + max_new_tokens} positions (with --max-new-tokens {max_new_tokens}), "
+            f"beyond max_seq_len={model.max_seq_len}; /clear starts a new conversation", file=sys.stderr,
+        )
+        return None
+    return ids
 
 
 class TextStream:

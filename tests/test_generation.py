@@ -160,7 +160,7 @@ def test_cli_interactive_clear_resets_history(ckpt):
     assert turns[1] == turns[4]  # after /clear, the same question gets the same greedy answer
 
 
-def test_cli_errors_name_the_flag(ckpt, monkeypatch, capsys):
+def test_cli_errors_name_the_flag(ckpt, capsys):
     from dsr1.generate_cli import main
 
     def error(*argv: str) -> str:
@@ -171,5 +171,5 @@ def test_cli_errors_name_the_flag(ckpt, monkeypatch, capsys):
 
     assert "--interactive" in error("--interactive", "--json")
     assert "--max-seq-len" in error("--ckpt-path", str(ckpt), "--max-seq-len", "8", "--prompt", "a long prompt " * 4)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "--ep" in error("--ckpt-path", str(ckpt))
+    assert "torchrun --nproc-per-node 2" in error("--ckpt-path", str(ckpt), "--ep", "2")  # one process, two EP ranks asked
+    assert "round_robin" in error("--ep", "2", "--expert-placement", "diagonal")

@@ -113,8 +113,9 @@ class DeepEPLowLatencyDispatcher:
         )
         fp8_recv = recv if self.fp8_dispatch else None
         if self.fp8_dispatch:
-            data, scales = recv  # [e, R*T, m] e4m3, [e, R*T, m/128] fp32
-            recv = (data.float() * scales.repeat_interleave(FP8_BLOCK, -1)).to(torch.bfloat16)
+            data, scales = recv  # [e, R*T, m] e4m3, [e, R*T, m/128] fp32 (column-major storage)
+            blocks = data.unflatten(-1, (-1, FP8_BLOCK)).float() * scales.unsqueeze(-1)  # [e, R*T, m/128, 128]
+            recv = blocks.flatten(-2).to(torch.bfloat16)
         handle = _LLHandle(native, physical_ids, weights.float().contiguous(), x.dtype, fp8_recv)
         return recv, counts, handle
 

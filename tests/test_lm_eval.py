@@ -1,0 +1,195 @@
+"""The lm-eval adapter (dsr1.eval.lm_eval) on the tiny synthetic checkpoint: scores against direct forwards,
+generation against dsr1.generation and scripts/generate.py, stopping, and evals/run_lm_eval.py end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from dsr1.eval import lm_eval as adapter  # noqa: E402
+from dsr1.eval.lm_eval import DSR1LM, StopStrings, resolve_batch_size, resolve_device  # noqa: E402
+from dsr1.generation import generate  # noqa: E402
+from dsr1.tokenizer import BOS, EOS  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+CONTEXTS = ["Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:", "The capital of France is", "1, 2, 3,"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_checkpoint) -> Path:
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def lm(ckpt) -> DSR1LM:
+    return DSR1LM(ckpt_path=str(ckpt), device="cpu", dtype="float32", max_length=256, batch_size=4)
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def greedy_ids(lm: DSR1LM, context: str, n: int) -> list[int]:
+    ids = generate(lm.model, [lm.tok_encode(context)], n, eos_id=-1)[0]  # eos_id=-1: never stop early
+    assert len(ids) == n
+    return ids
+
+
+def direct_logprob(lm: DSR1LM, ids: list[int], n_context: int) -> float:
+    """Sum of log p(ids[i] | ids[:i]) for i >= n_context, from one plain forward."""
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(lm.model(torch.tensor([ids]))[0], dim=-1)  # [s, v]
+    return sum(float(logprobs[i - 1, ids[i]]) for i in range(n_context, len(ids)))
+
+
+def test_registered_and_built_like_the_cli(ckpt):
+    cls = get_model("dsr1")
+    assert cls is DSR1LM
+    assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own models still resolve after ours registered
+    lm = cls.create_from_arg_string(f"ckpt_path={ckpt},max_length=64", {"batch_size": "2", "max_batch_size": None, "device": "cpu"})
+    assert (lm.batch_size, lm.max_length, lm.device) == (2, 64, "cpu")
+    with pytest.raises(ValueError, match=r"\['max_len'\] not understood"):
+        cls.create_from_arg_string(f"ckpt_path={ckpt},max_len=64", {"device": "cpu"})
+    with pytest.raises(ValueError, match="ckpt_path=DIR is required"):
+        cls.create_from_arg_string("", {"device": "cpu"})
+
+
+def test_device_and_batch_size_flags(caplog):
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("cuda:0") == "cpu"  # lm-eval's default device: fall back, with a warning
+        assert "CUDA is not available" in caplog.text
+    assert [resolve_batch_size(b, m) for b, m in [("2", None), (3, None), ("auto", None), ("auto:4", 2)]] == [2, 3, 8, 2]
+    with pytest.raises(ValueError, match="--batch_size '0'"):
+        resolve_batch_size("0", None)
+
+
+def test_expert_parallel_needs_torchrun(ckpt):
+    with pytest.raises(ValueError, match="--ep 2 needs one process per EP rank, but WORLD_SIZE=1: launch with torchrun --nproc-per-node 2"):
+        DSR1LM(ckpt_path=str(ckpt), device="cpu", ep=2)
+
+
+def test_one_bos_and_chat_template(lm):
+    bos = lm.tokenizer.bos_token_id
+    for text in ["Hello", BOS + "Hello", BOS + BOS + "Hello"]:
+        ids = lm.tok_encode(text)
+        assert ids[0] == bos and ids[1] != bos
+    assert lm.tok_encode("Hello", add_special_tokens=False)[0] != bos
+    chat = [{"role": "user", "content": "2+2?"}]
+    assert lm.apply_chat_template(chat) == f"{BOS}<｜User｜>2+2?<｜Assistant｜><think>\n"
+    prefixed = lm.apply_chat_template([*chat, {"role": "assistant", "content": "The answer is"}], add_generation_prompt=False)
+    assert prefixed == f"{BOS}<｜User｜>2+2?<｜Assistant｜>The answer is"  # gen_prefix: continued, no EOS
+
+
+def test_loglikelihood_matches_direct_forward(lm):
+    pairs = [(CONTEXTS[0], " 7"), ("", "Hello world"), (CONTEXTS[1], " Paris, a city on the Seine."), (BOS + "Once upon", " a time")]
+    got = lm.loglikelihood(requests("loglikelihood", pairs))  # one right-padded batch of four lengths
+    for (context, continuation), (score, _) in zip(pairs, got):
+        n_context = len(lm.tok_encode(context)) if context else 1
+        ids = lm.tok_encode(context + continuation)
+        assert score == pytest.approx(direct_logprob(lm, ids, n_context), abs=1e-3)
+    greedy = greedy_ids(lm, CONTEXTS[2], 4)
+    context = lm.tok_encode(CONTEXTS[2])
+    wrong = [(greedy[0] + 1) % lm.tokenizer.vocab_size, *greedy[1:]]
+    flags = [is_greedy for _, is_greedy in lm._loglikelihood_tokens([(None, context, greedy), (None, context, wrong)])]
+    assert flags == [True, False]
+
+
+def test_loglikelihood_rolling_longer_than_max_length(lm, monkeypatch):
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    tokens = lm.tok_encode(text, add_special_tokens=False)
+    window = 16
+    assert len(tokens) > 3 * window
+    monkeypatch.setattr(lm, "_max_length", window)
+    (score,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    # Each token is scored once, in windows of `window` targets; a window sees only the `window` inputs
+    # before its end (BOS + text at first; the last, partial window reaches back into the previous one).
+    ids = [lm.prefix_token_id, *tokens]
+    expected = 0.0
+    for start in range(0, len(tokens), window):
+        end = min(start + window, len(tokens))  # targets ids[start + 1 : end + 1]
+        lo = max(0, end - window)
+        expected += direct_logprob(lm, ids[lo : end + 1], start + 1 - lo)
+    assert score == pytest.approx(expected, abs=1e-3)
+    monkeypatch.setattr(lm, "_max_length", 256)
+    (whole,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    assert whole == pytest.approx(direct_logprob(lm, ids, 1), abs=1e-3)
+
+
+@pytest.mark.slow  # a fresh interpreter for scripts/generate.py
+def test_generate_until_matches_generate_script(lm, ckpt):
+    cmd = [sys.executable, str(REPO / "scripts" / "generate.py"), "--ckpt-path", str(ckpt), "--prompt", CONTEXTS[0]]
+    cmd += ["--no-chat", "--temperature", "0", "--max-new-tokens", "12", "--json", "--device", "cpu", "--dtype", "float32"]
+    record = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=OFFLINE).stdout.strip().splitlines()[-1])
+    assert record["prompt_token_ids"] == lm.tok_encode(CONTEXTS[0])
+    (text,) = lm.generate_until(requests("generate_until", [(CONTEXTS[0], {"until": [], "max_gen_toks": 12})]))
+    assert text == record["text"]
+
+
+def test_generate_until_batches_and_restores_order(lm, monkeypatch):
+    args = [(c, {"until": [], "max_gen_toks": 6}) for c in CONTEXTS] + [(CONTEXTS[1], {"until": [], "max_gen_toks": 3})]
+    batched = lm.generate_until(requests("generate_until", args))
+    monkeypatch.setattr(lm, "_batch_size", 1)
+    assert batched == lm.generate_until(requests("generate_until", args))
+    assert batched[1].startswith(batched[3]) and batched[1] != batched[3]
+
+
+def test_stop_strings_and_max_gen_toks_aliases(lm, monkeypatch):
+    ids = greedy_ids(lm, CONTEXTS[0], 16)
+    full = lm.tok_decode(ids)
+    stop = lm.tok_decode(ids[6:8])
+    assert stop.strip() and full.index(stop) >= len(lm.tok_decode(ids[:6]))  # a stop string first seen at token 6
+    lengths = []
+    monkeypatch.setattr(adapter, "generate", lambda *a, **kw: [lengths.append(len(o)) or o for o in generate(*a, **kw)])
+    gen_kwargs = [{"until": [stop], "max_gen_toks": 16}, {"max_new_tokens": 5}, {"max_tokens": 5, "until": "never"}, {"max_completion_tokens": 5}]
+    got = lm.generate_until(requests("generate_until", [(CONTEXTS[0], g) for g in gen_kwargs]))
+    assert got == [full[: full.index(stop)], *[lm.tok_decode(ids[:5])] * 3]
+    assert sorted(lengths) == [5, 5, 5, 8]  # generation stopped once the stop string was complete
+
+
+def test_eos_ends_generation(lm):
+    ids = greedy_ids(lm, CONTEXTS[2], 8)
+    eos_id, target = lm.eot_token_id, ids[4]
+    head = lm.model.head.weight
+    saved = head[eos_id].clone()
+    head[eos_id] = head[target] * 1.01  # EOS now wins wherever `target` was the greedy pick
+    try:
+        (text,) = lm.generate_until(requests("generate_until", [(CONTEXTS[2], {"until": [], "max_gen_toks": 8})]))
+    finally:
+        head[eos_id] = saved
+    assert text == lm.tok_decode(ids[: ids.index(target)]) and EOS not in text
+
+
+def test_strip_thinking(lm, monkeypatch):
+    ids = greedy_ids(lm, CONTEXTS[1], 10)
+    full, think_end = lm.tok_decode(ids), lm.tok_decode(ids[3:5])
+    monkeypatch.setattr(lm, "think_end_token", think_end)
+    (text,) = lm.generate_until(requests("generate_until", [(CONTEXTS[1], {"until": [], "max_gen_toks": 10})]))
+    assert text == full.split(think_end)[-1].lstrip()
+    # Stop strings inside the reasoning are ignored; the first one after </think> stops the row.
+    pieces = lm.tokenizer.encode("Let me think. Question: is it 4?</think> It is 4. Question: next", add_special_tokens=False)
+    for think_end_token, expected in [(None, "Let me think. Question:"), ("</think>", "</think> It is 4. Question:")]:
+        stop = StopStrings(lm.tokenizer, ["Question:"], think_end_token)
+        first = [stop(0, pieces[: i + 1]) for i in range(len(pieces))].index(True)
+        assert lm.tok_decode(pieces[: first + 1]).endswith(expected)
+
+
+@pytest.mark.slow  # a fresh interpreter; lm-eval alone spends ~15 s indexing its built-in tasks
+def test_run_lm_eval_gsm8k_tiny(ckpt, tmp_path):
+    cmd = [sys.executable, str(REPO / "evals" / "run_lm_eval.py"), "--model", "dsr1", "--model_args", f"ckpt_path={ckpt},max_gen_toks=16"]
+    cmd += ["--device", "cpu", "--batch_size", "2", "--include_path", "evals/tasks", "--tasks", "gsm8k_tiny", "--limit", "2", "--output_path", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=REPO, env=OFFLINE, capture_output=True, text=True)
+    (results_file,) = tmp_path.rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]["gsm8k_tiny"]
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= results.keys()
