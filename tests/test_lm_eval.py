@@ -193,3 +193,22 @@ def test_run_lm_eval_gsm8k_tiny(ckpt, tmp_path):
     (results_file,) = tmp_path.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]["gsm8k_tiny"]
     assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= results.keys()
+
+
+@pytest.mark.slow
+def test_run_lm_eval_expert_parallel_matches_one_process(ckpt, tmp_path):
+    """torchrun, EP=2 round-robin over gloo: the same generations (and scores) as one process."""
+    base = ["--device", "cpu", "--batch_size", "2", "--include_path", "evals/tasks", "--tasks", "gsm8k_tiny", "--limit", "3", "--log_samples"]
+    args = f"ckpt_path={ckpt},max_gen_toks=12"
+    runs = {
+        "one": [sys.executable, str(REPO / "evals" / "run_lm_eval.py"), "--model_args", args],
+        "ep": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(REPO / "evals" / "run_lm_eval.py"),
+               "--model_args", args + ",ep=2,expert_placement=round_robin,all2all=torch"],
+    }
+    resps = {}
+    for name, cmd in runs.items():
+        subprocess.run([*cmd, "--model", "dsr1", *base, "--output_path", str(tmp_path / name)], check=True, cwd=REPO,
+                       env={**OFFLINE, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        (samples,) = (tmp_path / name).rglob("samples_gsm8k_tiny_*.jsonl")
+        resps[name] = [json.loads(line)["resps"] for line in samples.read_text().splitlines()]
+    assert len(resps["one"]) == 3 and resps["ep"] == resps["one"]
