@@ -33,12 +33,13 @@ print(json.dumps({"model": sum(t.nbytes for t in model.state_dict().values()), "
 
 @pytest.mark.slow  # a fresh interpreter: ~5 s of imports
 def test_peak_host_memory_is_near_the_model_size(tmp_path, monkeypatch):
-    # ~80 MB of weights, mostly routed experts, in 16 shards; the values do not matter, so zeros are written (fast).
-    raw = {**json.loads(TINY_CONFIG.read_text()), "vocab_size": 512, "hidden_size": 512, "moe_intermediate_size": 512,
+    # ~330 MB of weights, mostly routed experts, in 16 shards (large against the interpreter's own allocations);
+    # the values do not matter, so zeros are written (fast).
+    raw = {**json.loads(TINY_CONFIG.read_text()), "vocab_size": 512, "hidden_size": 1024, "moe_intermediate_size": 1024,
            "n_routed_experts": 16, "num_nextn_predict_layers": 0}
     monkeypatch.setattr(synthetic, "random_tensor", lambda spec, gen, n_layers: torch.zeros(spec.shape, dtype=torch.bfloat16))
     path = synthetic.write_checkpoint(raw, tmp_path / "ckpt", dtype="bf16", shards=16)
     out = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, check=True)
     sizes = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sizes["model"] > 64 * 2**20
+    assert sizes["model"] > 256 * 2**20
     assert sizes["peak"] < 1.25 * sizes["model"], f"peak {sizes['peak'] / 2**20:.0f} MiB over {sizes['model'] / 2**20:.0f} MiB of model"
