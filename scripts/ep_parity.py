@@ -24,6 +24,7 @@ from dsr1.config import ModelConfig
 from dsr1.generation import generate
 from dsr1.parallel.dispatch import make_dispatcher
 from dsr1.parallel.dist import init_distributed, log_rank0, rank_share
+from dsr1.parallel.launch import gather_to_rank0
 from dsr1.parallel.placement import expert_placement
 from dsr1.tokenizer import encode_prompt, load_tokenizer
 
@@ -46,15 +47,6 @@ def run(model, prompts: list[list[int]], max_new_tokens: int, group) -> tuple[to
         tokens[i, : len(p)] = torch.tensor(p)
     logits = model(tokens.to(device), logits_at=(lengths - 1).to(device)).cpu()  # one forward on every rank
     return logits, generate(model, prompts, max_new_tokens, group=group)
-
-
-def gather(obj, group):
-    """Rank 0 gets every rank's obj, in rank order (None elsewhere); without a group, [obj]."""
-    if group is None:
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def main() -> None:
@@ -93,7 +85,7 @@ def main() -> None:
             dispatcher = make_dispatcher(args.all2all, placement, group, args.max_dispatch_tokens, cfg.dim, fp8 == "on")
             model = load_model(args.ckpt_path, dtype=dtype, dispatcher=dispatcher, rank=rank, progress=False)
             logits, tokens = run(model, mine, args.max_new_tokens, group)
-            parts = gather((logits, tokens, model.load_stats.summary()), group)
+            parts = gather_to_rank0((logits, tokens, model.load_stats.summary()), group)
             del model
             if rank == 0:
                 ref = json.load(open(args.reference))
