@@ -211,4 +211,4 @@ def test_run_lm_eval_expert_parallel_matches_one_process(ckpt, tmp_path):
                        env={**OFFLINE, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         (samples,) = (tmp_path / name).rglob("samples_gsm8k_tiny_*.jsonl")
         resps[name] = [json.loads(line)["resps"] for line in samples.read_text().splitlines()]
-    assert len(resps["one"]) == 3 and resps["ep"] == resps["one"]
+    assert len(resps["one"]) == 3 * 2 and resps["ep"] == resps["one"]  # 3 docs, one line per filter
