@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dsr1 import embedded
 from dsr1.generation import generate
 from dsr1.model.attention import ATTN_IMPLS
+from dsr1.model.fp8_gemm import BACKENDS
 from dsr1.parallel.dist import init_distributed, rank_share
 from dsr1.parallel.launch import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
 from dsr1.parallel.placement import STRATEGIES
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", help="default: cuda:$LOCAL_RANK when CUDA is available, else cpu")
     model.add_argument("--dtype", choices=DTYPES, help="activation/weight dtype; default bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="absorb: cache the MLA latent (default); naive: per-head keys and values")
-    model.add_argument("--fp8-weights", action="store_true", help="keep FP8 weights in memory and dequantize per matmul")
+    model.add_argument("--fp8-weights", action="store_true", help="keep FP8 weights in memory (half of bf16's bytes); see --fp8-gemm")
+    model.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="with --fp8-weights, how FP8 weights are multiplied: auto picks "
+                       "deepgemm (if importable), else torch's block-scaled scaled_mm (Hopper), else dequant (dequantize per matmul)")
     model.add_argument("--max-seq-len", type=int, help="longest prompt + generation the model accepts; default max_position_embeddings")
 
     prompts = p.add_argument_group("prompts (default: the built-in prompt)")
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(path)
     model, group = load_ep_model(
         path, args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens,
-        device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, attn_impl=args.attn_impl,
+        device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, gemm=args.fp8_gemm, attn_impl=args.attn_impl,
         max_seq_len=args.max_seq_len, progress=is_rank0(),
     )
     if group is not None:  # what each rank read of the checkpoint (its own experts only)

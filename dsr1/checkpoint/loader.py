@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors, routed_expert_id
 from dsr1.config import ModelConfig
+from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.transformer import Transformer
 from dsr1.parallel.dispatch import Dispatcher
 
@@ -224,13 +225,15 @@ def load_model(
     max_seq_len: int | None = None,
     rank: int = 0,
     progress: bool = True,
+    gemm: str = "auto",
 ) -> Transformer:
     """Load the checkpoint at `path` (dsr1.load_model); the result's `.load_stats` says what was read.
 
     device/dtype default to CUDA + bf16 when available, else CPU + float32. fp8=True keeps FP8 weights
-    in memory and dequantizes per matmul; otherwise they are dequantized once, here. The dispatcher's
-    `local_expert_ids` say which routed experts this process holds, in slot order (all by default);
-    `rank` only labels messages.
+    in memory and multiplies them with the `gemm` backend (dsr1/model/fp8_gemm.py: 'auto' takes FP8
+    matmuls where the device has them, 'dequant' dequantizes per matmul); otherwise they are
+    dequantized once, here. The dispatcher's `local_expert_ids` say which routed experts this process
+    holds, in slot order (all by default); `rank` only labels messages.
     """
     default_device, default_dtype = default_device_dtype()
     device = torch.device(device or default_device)
@@ -244,6 +247,8 @@ def load_model(
     ckpt.check(specs, load_mtp, rank)  # nothing is allocated or copied before this passes
     model = build_model(cfg, device, dtype, fp8, dispatcher=dispatcher, attn_impl=attn_impl, max_seq_len=max_seq_len, load_mtp=load_mtp)
     copy_weights(ckpt, specs, model, fp8, progress)
+    if fp8:
+        use_fp8_gemm(model, select_fp8_backend(gemm, device))
 
     every = checkpoint_tensors(cfg, ckpt.is_fp8, mtp=load_mtp)
     routed = sum(s.nbytes for s in every if s.expert_id is not None)

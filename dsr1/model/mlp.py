@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
+from dsr1.model.fp8_gemm import DEQUANT
 from dsr1.model.linear import Linear
 
 
@@ -43,11 +44,19 @@ class GroupedExperts(nn.Module):
             if fp8:  # HF: weight_scale_inv, one block grid per expert
                 scale = nn.Parameter(torch.empty(n_local, *scale_shape(out_dim, in_dim), dtype=torch.float32), requires_grad=False)
             self.register_parameter(f"{name}_scale", scale)
+        self.gemm = DEQUANT  # FP8 matmul backend; see fp8_gemm.use_fp8_gemm
 
     def weight(self, name: str, slot: int, dtype: torch.dtype) -> Tensor:
         """Expert `slot`'s weight `name` ('w1', 'w2' or 'w3') in `dtype`, dequantized if FP8."""
         w, scale = getattr(self, name)[slot], getattr(self, f"{name}_scale")
         return w.to(dtype) if scale is None else dequantize(w, scale[slot], dtype)
+
+    def linear(self, name: str, slot: int, x: Tensor) -> Tensor:
+        """x [n, in] times expert `slot`'s weight `name`: FP8 weights go through the `gemm` backend."""
+        scale = getattr(self, f"{name}_scale")
+        if scale is None:
+            return F.linear(x, self.weight(name, slot, x.dtype))
+        return self.gemm.linear(x, getattr(self, name)[slot], scale[slot])
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x: [e, M, m], counts: [e] -> [e, M, m]; rows past counts[j] are left zero."""
@@ -56,6 +65,6 @@ class GroupedExperts(nn.Module):
             if n == 0:
                 continue
             xe = x[slot, :n]  # [n, m]
-            h = F.silu(F.linear(xe, self.weight("w1", slot, x.dtype))) * F.linear(xe, self.weight("w3", slot, x.dtype))
-            out[slot, :n] = F.linear(h, self.weight("w2", slot, x.dtype))
+            h = F.silu(self.linear("w1", slot, xe)) * self.linear("w3", slot, xe)
+            out[slot, :n] = self.linear("w2", slot, h)
         return out
