@@ -15,6 +15,7 @@ and the time relative to linear placement.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -91,6 +92,7 @@ def main() -> None:
     p.add_argument("--placement", nargs="+", default=["linear", "round_robin"])
     p.add_argument("--fp8-dispatch", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = uniform routing")
+    p.add_argument("--experts", nargs="+", default=["grouped"], choices=["grouped", "loop"], help="GroupedExperts.impl to time")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", help="write the rows here (rank 0)")
     args = p.parse_args()
@@ -107,26 +109,26 @@ def main() -> None:
         for fp8 in args.fp8_dispatch:
             if fp8 == "on" and all2all != "deepep_ll":
                 continue
-            for skew in args.skew:
-                for strategy in args.placement:
-                    placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
-                    dispatcher = make_dispatcher(all2all, placement, None, args.tokens, cfg.dim, fp8 == "on")
-                    moe = build_layer(cfg, dispatcher, skew, device, dtype)
-                    with torch.inference_mode():
-                        received = torch.tensor([received_rows(moe, x)], device=device)
-                        times = torch.tensor([time_layer(moe, x, args.iters, True), time_layer(moe, x, args.iters, False)], device=device)
-                    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-                    dist.all_reduce(received, op=dist.ReduceOp.MAX)
-                    rows.append({"all2all": all2all, "fp8_dispatch": fp8, "skew": skew, "placement": strategy,
-                                 "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(), "max_rank_rows": int(received)})
-                    del moe, dispatcher
+            for skew, impl, strategy in itertools.product(args.skew, args.experts, args.placement):
+                placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
+                dispatcher = make_dispatcher(all2all, placement, None, args.tokens, cfg.dim, fp8 == "on")
+                moe = build_layer(cfg, dispatcher, skew, device, dtype)
+                moe.experts.impl = impl
+                with torch.inference_mode():
+                    received = torch.tensor([received_rows(moe, x)], device=device)
+                    times = torch.tensor([time_layer(moe, x, args.iters, True), time_layer(moe, x, args.iters, False)], device=device)
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)
+                dist.all_reduce(received, op=dist.ReduceOp.MAX)
+                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "skew": skew, "experts": impl, "placement": strategy,
+                             "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(), "max_rank_rows": int(received)})
+                del moe, dispatcher
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     log_rank0(f"EP={world}, {args.tokens} tokens/rank, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}")
-    log_rank0(f"{'all2all':<10} {'fp8':<4} {'skew':>5} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} {'max rows':>9} {'vs linear':>10}")
+    log_rank0(f"{'all2all':<10} {'fp8':<4} {'skew':>5} {'experts':<8} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} {'max rows':>9} {'vs linear':>10}")
     for r in rows:
-        base = next(b for b in rows if b["placement"] == "linear" and all(b[k] == r[k] for k in ("all2all", "fp8_dispatch", "skew")))
-        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['skew']:>5g} {r['placement']:<12} {r['layer_us']:>10.1f} "
+        base = next(b for b in rows if b["placement"] == "linear" and all(b[k] == r[k] for k in ("all2all", "fp8_dispatch", "skew", "experts")))
+        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['skew']:>5g} {r['experts']:<8} {r['placement']:<12} {r['layer_us']:>10.1f} "
                   f"{r['dispatch_combine_us']:>13.1f} {r['max_rank_rows']:>9} {r['layer_us'] / base['layer_us']:>10.3f}")
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
