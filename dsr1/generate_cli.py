@@ -15,7 +15,7 @@ from dsr1 import embedded
 from dsr1.generation import generate
 from dsr1.model.attention import ATTN_IMPLS
 from dsr1.model.fp8_gemm import BACKENDS
-from dsr1.parallel.dist import init_distributed, rank_share
+from dsr1.parallel.dist import init_distributed, is_rank0, log_rank0, rank_share
 from dsr1.parallel.launch import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
 from dsr1.parallel.placement import STRATEGIES
 from dsr1.tokenizer import decode, encode_messages, encode_prompt, load_tokenizer
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
         path, defaults = embedded.tiny_checkpoint(), EMBEDDED_DEFAULTS
         if rank == 0 and world > 1:
             dist.barrier()
-        print_rank0(f"no --ckpt-path: running the embedded tiny random-weight checkpoint {path}", file=sys.stderr)
+        log_rank0(f"no --ckpt-path: running the embedded tiny random-weight checkpoint {path}", file=sys.stderr)
     else:
         path, defaults = Path(args.ckpt_path), CHECKPOINT_DEFAULTS
     for key, value in defaults.items():
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     )
     if group is not None:  # what each rank read of the checkpoint (its own experts only)
         for line in gather_to_rank0(model.load_stats.summary(), group) or []:
-            print_rank0(line, file=sys.stderr)
+            log_rank0(line, file=sys.stderr)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, group=group)
     if args.interactive:
         chat_loop(model, tokenizer, sampling)
@@ -124,9 +124,9 @@ def run(args: argparse.Namespace) -> None:
         completion = decode(tokenizer, out)
         if args.json:
             record = {"prompt": text, "prompt_token_ids": ids, "token_ids": out, "text": completion}
-            print_rank0(json.dumps(record, ensure_ascii=False))
+            log_rank0(json.dumps(record, ensure_ascii=False))
         else:
-            print_rank0(f"=== {text}\n{completion}")
+            log_rank0(f"=== {text}\n{completion}")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -175,7 +175,7 @@ def next_chat_prompt(model, tokenizer, messages: list[dict], max_new_tokens: int
         return "exit"
     if line == "/clear":
         messages.clear()
-        print_rank0("(history cleared)")
+        log_rank0("(history cleared)")
         return None
     if not line:
         return None
@@ -183,7 +183,7 @@ def next_chat_prompt(model, tokenizer, messages: list[dict], max_new_tokens: int
     ids = encode_messages(tokenizer, messages)
     if len(ids) + max_new_tokens > model.max_seq_len:
         messages.pop()
-        print_rank0(
+        log_rank0(
             f"error: the conversation needs {len(ids) + max_new_tokens} positions (with --max-new-tokens {max_new_tokens}), "
             f"beyond max_seq_len={model.max_seq_len}; /clear starts a new conversation", file=sys.stderr,
         )
@@ -205,19 +205,8 @@ class TextStream:
 
     def finish(self) -> None:
         self._emit(decode(self.tokenizer, self.ids))
-        print_rank0()
+        log_rank0()
 
     def _emit(self, text: str) -> None:
-        print_rank0(text[len(self.printed) :], end="", flush=True)
+        log_rank0(text[len(self.printed) :], end="")
         self.printed = text
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank0(*args, **kwargs) -> None:
-    """print() on rank 0 only, so a multi-process run prints each line once (unlike
-    dsr1.parallel.dist.log_rank0, it streams without newlines and writes to stderr when asked)."""
-    if is_rank0():
-        print(*args, **kwargs)

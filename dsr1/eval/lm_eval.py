@@ -23,8 +23,10 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, warning_once
 from tqdm import tqdm
 
+from dsr1.checkpoint.loader import default_device_dtype
 from dsr1.config import ModelConfig
 from dsr1.generation import generate
+from dsr1.parallel.dist import is_rank0
 from dsr1.parallel.launch import load_ep_model
 from dsr1.tokenizer import ASSISTANT, END_THINK, EOS, apply_chat_template, decode, encode_prompt, load_tokenizer
 
@@ -252,13 +254,13 @@ def resolve_device(device: str | None) -> str:
     default must not fail on CPU machines). Under torchrun any cuda device becomes cuda:$LOCAL_RANK.
     """
     if device is None:
-        return f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+        return default_device_dtype()[0]
     if torch.device(device).type != "cuda":
         return device
     if not torch.cuda.is_available():
         log.warning("device=%s requested (lm-eval's default) but CUDA is not available; running on cpu. Pass --device cpu to silence this.", device)
         return "cpu"
-    return f"cuda:{local_rank()}" if "LOCAL_RANK" in os.environ else device
+    return default_device_dtype()[0] if "LOCAL_RANK" in os.environ else device
 
 
 def resolve_batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
@@ -272,12 +274,3 @@ def resolve_batch_size(batch_size: int | str, max_batch_size: int | None) -> int
     if size < 1:
         raise ValueError(f"--batch_size {batch_size!r}: expected a positive integer, 'auto' or 'auto:N'")
     return size
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
-

@@ -48,10 +48,15 @@ def all_reduce_max(value: int, group: ProcessGroup | None = None) -> int:
     return int(t.item())
 
 
-def log_rank0(msg: str) -> None:
-    """Print `msg` once per job: on rank 0, or always when there is no process group."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of its job (or runs alone); before the group exists, torchrun's RANK says."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", 0)) == 0
+
+
+def log_rank0(*args, **kwargs) -> None:
+    """print() once per job, on rank 0 (streams with end="", writes to stderr with file=sys.stderr)."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
 
 
 def rank_share(n_items: int, rank: int, world_size: int) -> range:
