@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dsr1 import embedded
+from dsr1.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.generation import generate
 from dsr1.model.attention import ATTN_IMPLS
 from dsr1.model.fp8_gemm import BACKENDS
@@ -40,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="absorb: cache the MLA latent (default); naive: per-head keys and values")
     model.add_argument("--fp8-weights", action="store_true", help="keep FP8 weights in memory (half of bf16's bytes); see --fp8-gemm")
     model.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="with --fp8-weights, how FP8 weights are multiplied: auto picks "
-                       "deepgemm (if importable), else torch's block-scaled scaled_mm (Hopper), else dequant (dequantize per matmul)")
+                       "deepgemm (if importable), else w8a16 (Triton, CUDA), else torch's block-scaled scaled_mm (Hopper), else dequant")
     model.add_argument("--max-seq-len", type=int, help="longest prompt + generation the model accepts; default max_position_embeddings")
+    model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
+                       "where the run allows it (CUDA, one process, Triton), on (error if it can't), off")
 
     prompts = p.add_argument_group("prompts (default: the built-in prompt)")
     prompts.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
@@ -106,11 +109,13 @@ def run(args: argparse.Namespace) -> None:
         for line in gather_to_rank0(model.load_stats.summary(), group) or []:
             log_rank0(line, file=sys.stderr)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, group=group)
+    prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
+    mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
+    longest = model.max_seq_len if args.interactive else max(map(len, prompt_ids)) + args.max_new_tokens
+    sampling["graphs"] = make_graphs(model, args.cuda_graphs, min(longest, model.max_seq_len), max(len(mine), 1))
     if args.interactive:
         chat_loop(model, tokenizer, sampling)
         return
-    prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
-    mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
     if len(texts) == 1 and not args.json:
         stream = TextStream(tokenizer)  # the prompt is rank 0's
         generate(model, [prompt_ids[i] for i in mine], on_token=stream, **sampling)

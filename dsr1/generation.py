@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from dsr1.decode_graphs import DecodeGraphs
 from dsr1.model.transformer import Transformer
 from dsr1.parallel.dist import all_reduce_max
 
@@ -27,6 +28,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     group=None,
+    graphs: DecodeGraphs | None = None,
 ) -> list[list[int]]:
     """Generated token ids per prompt (EOS not included).
 
@@ -35,7 +37,8 @@ def generate(
     Greedy at temperature 0, else nucleus (top-p) sampling from a generator seeded with `seed`.
     With a process group, every rank runs the same number of forward passes (an expert-parallel
     MoE needs all ranks in each dispatch): the loop goes on while any rank has an unfinished row,
-    and a rank with no prompts feeds an empty batch.
+    and a rank with no prompts feeds an empty batch. With `graphs`, decode steps replay CUDA graphs
+    (dsr1/decode_graphs.py) when the batch fits a bucket and the sequences fit its cache.
     """
     _check_args(model, prompts, max_new_tokens, temperature, top_p)
     eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
@@ -44,7 +47,10 @@ def generate(
     if max_new_tokens == 0 or (b == 0 and group is None):
         return [[] for _ in prompts]
     lengths = [len(p) for p in prompts]
-    cache = model.new_cache(b, max(lengths, default=1) + max_new_tokens)
+    max_len = max(lengths, default=1) + max_new_tokens
+    if graphs is not None and (graphs.bucket(b) is None or max_len > graphs.max_len or b == 0):
+        graphs = None  # too many rows or too long for the captured graphs: decode eagerly
+    cache = graphs.prepare(b) if graphs is not None else model.new_cache(b, max_len)
     gen = None if seed is None else torch.Generator(device).manual_seed(seed)
 
     tokens = torch.zeros(b, max(lengths, default=1), dtype=torch.long)  # [b, l], right-padded
@@ -76,7 +82,10 @@ def generate(
             return out
         step_tokens = torch.tensor(last_token, dtype=torch.long, device=device).view(b, 1)  # [b, 1]
         start_pos = torch.tensor(last_pos, dtype=torch.long, device=device)  # [b]
-        logits = model(step_tokens, start_pos, cache, logits_at=torch.zeros(b, dtype=torch.long, device=device))
+        if graphs is not None:
+            logits = graphs.step(step_tokens, start_pos)
+        else:
+            logits = model(step_tokens, start_pos, cache, logits_at=torch.zeros(b, dtype=torch.long, device=device))
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> Tensor:

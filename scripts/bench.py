@@ -28,6 +28,7 @@ from dsr1.bench import measure
 from dsr1.bench.weights import fill_dsr1, write_checkpoint
 from dsr1.checkpoint.loader import build_model, load_model
 from dsr1.config import ModelConfig
+from dsr1.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.model.fp8_gemm import BACKENDS, DEQUANT, probe_fp8_backends, select_fp8_backend, use_fp8_gemm
 from dsr1.parallel.dispatch import LocalDispatcher
 
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill", default="1x2048,8x512", help="prefill shapes, BATCHxLENGTH, comma-separated")
     p.add_argument("--decode", default="1,8,64", help="decode batch sizes")
     p.add_argument("--dequant-decode", default="1,8", help="decode batch sizes also timed with dsr1's dequant backend ('' for none)")
+    p.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="dsr1 decode from CUDA graphs (auto: where the model allows)")
+    p.add_argument("--eager-decode", default="1,64", help="with CUDA graphs, decode batch sizes also timed eagerly ('' for none)")
     p.add_argument("--context", type=int, default=512, help="positions already in the KV cache when decode is timed")
     p.add_argument("--steps", type=int, default=10, help="timed decode steps (dsr1)")
     p.add_argument("--hf-steps", type=int, default=4, help="timed decode steps (HF)")
@@ -90,10 +93,12 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
     fill_dsr1(model, cfg, args.seed)
     model.eval()
     backend = select_fp8_backend(args.gemm, device)
-    runner, out = measure.Dsr1Runner(model), {"backend": backend.name, "backends": probe_fp8_backends(device)}
-    log(f"dsr1 built; FP8 backend {backend.name}")
+    eager, out = measure.Dsr1Runner(model), {"backend": backend.name, "backends": probe_fp8_backends(device)}
     prompt = check_prompt(args, device)
     use_fp8_gemm(model, backend)
+    out["cuda_graphs"] = make_graphs(model, args.cuda_graphs, max_len=1, max_batch=1) is not None  # can this model capture?
+    runner = measure.Dsr1GraphRunner(model) if out["cuda_graphs"] else eager
+    log(f"dsr1 built; FP8 backend {backend.name}, CUDA graphs {out['cuda_graphs']}")
     logits = runner.logits(prompt).float()
     if backend is not DEQUANT:
         use_fp8_gemm(model, DEQUANT)
@@ -108,9 +113,11 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
 
     out["decode"] = [measure.measure_decode(runner, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer, experts) for b in batches(args.decode)]
     log(f"dsr1 decode: {[round(d['ms_per_step'], 3) for d in out['decode']]} ms")
+    if out["cuda_graphs"] and args.eager_decode:
+        out["decode_eager"] = [measure.measure_decode(eager, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.eager_decode)]
     if backend is not DEQUANT and args.dequant_decode:
         use_fp8_gemm(model, DEQUANT)
-        out["decode_dequant"] = [measure.measure_decode(runner, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.dequant_decode)]
+        out["decode_dequant"] = [measure.measure_decode(eager, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.dequant_decode)]
         use_fp8_gemm(model, backend)
     out["peak_memory"] = measure.peak_memory(device)
     return out, logits.cpu()
@@ -230,7 +237,8 @@ def table(r: dict) -> str:
         lines.append(f"HF vs dsr1 logits: rel err {c['rel_err']:.2e} (max-abs {c['max_rel_err']:.2e}), greedy tokens agree {c['greedy_agree']:.1%} of {c['positions']}")
     if "error" in hf:
         lines.append(f"HF: {hf['error']}")
-    rows = [("", f"dsr1 ({d['backend']})", "HF", "speedup (HF time / dsr1 time)", "floor", "dsr1 / floor")]
+    graphs = ", CUDA graphs" if d.get("cuda_graphs") else ""
+    rows = [("", f"dsr1 ({d['backend']}{graphs})", "HF", "speedup (HF time / dsr1 time)", "floor", "dsr1 / floor")]
     for i, p in enumerate(d["prefill"]):
         h = hf["prefill"][i]["tokens_per_s"] if "prefill" in hf else None
         rows.append((f"prefill {p['batch']}x{p['length']} tok/s", f"{p['tokens_per_s']:.0f}", f"{h:.0f}" if h else "-",
@@ -239,6 +247,8 @@ def table(r: dict) -> str:
         h = hf["decode"][i]["ms_per_step"] if "decode" in hf else None
         rows.append((f"decode b={p['batch']} ms/step", f"{p['ms_per_step']:.2f}", f"{h:.2f}" if h else "-", f"{h / p['ms_per_step']:.2f}" if h else "-",
                      f"{f['ms']:.2f}", f"{p['ms_per_step'] / f['ms']:.2f}"))
+    for p in d.get("decode_eager", []):
+        rows.append((f"decode b={p['batch']} ms/step, eager", f"{p['ms_per_step']:.2f}", "", "", "", ""))
     for p in d.get("decode_dequant", []):
         rows.append((f"decode b={p['batch']} ms/step, dequant", f"{p['ms_per_step']:.2f}", "", "", "", ""))
     rows.append(("peak memory GiB", gib(d["peak_memory"]), gib(hf.get("peak_memory")), "", "", ""))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before dsr1 is imported: Triton kernels then run on CPU tensors, interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsr1.checkpoint.synthetic import write_checkpoint
 

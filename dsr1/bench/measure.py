@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dsr1.checkpoint.hf_names import checkpoint_tensors
 from dsr1.config import ModelConfig
+from dsr1.decode_graphs import DecodeGraphs
 from dsr1.model.transformer import Transformer
 
 
@@ -61,13 +62,24 @@ class Dsr1Runner:
 
     def decode_cache(self, batch: int, context: int, steps: int):
         cache = self.model.new_cache(batch, context + steps)
-        for layer_cache in cache:
-            for field in dataclasses.fields(layer_cache):
-                getattr(layer_cache, field.name)[:, :context].normal_()
+        fill_cache(cache, context)
         return cache
 
     def decode(self, tokens: Tensor, pos: int, cache) -> Tensor:
         return self.model(tokens, pos, cache, logits_at=torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device))
+
+
+class Dsr1GraphRunner(Dsr1Runner):
+    """Dsr1Runner whose decode steps replay a CUDA graph (dsr1/decode_graphs.py), as generation does on a GPU."""
+
+    def decode_cache(self, batch: int, context: int, steps: int):
+        self.graphs = DecodeGraphs(self.model, context + steps, max_batch=batch)
+        cache = self.graphs.prepare(batch)  # captured before the cache is filled: capture writes position 0
+        fill_cache(cache, context)
+        return cache
+
+    def decode(self, tokens: Tensor, pos: int, cache) -> Tensor:
+        return self.graphs.step(tokens, torch.full((tokens.shape[0],), pos, device=self.device))
 
 
 class HFRunner:
@@ -97,6 +109,13 @@ class HFRunner:
 
     def decode(self, tokens: Tensor, pos: int, cache) -> Tensor:
         return self.model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def fill_cache(cache: list, context: int) -> None:
+    """Random entries at positions [0, context) of every layer's cache."""
+    for layer_cache in cache:
+        for field in dataclasses.fields(layer_cache):
+            getattr(layer_cache, field.name)[:, :context].normal_()
 
 
 def measure_prefill(runner, batch: int, length: int, vocab: int, reps: int, timer: Timer) -> dict:

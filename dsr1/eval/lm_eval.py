@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dsr1.checkpoint.loader import default_device_dtype
 from dsr1.config import ModelConfig
+from dsr1.decode_graphs import make_graphs
 from dsr1.generation import generate
 from dsr1.parallel.dist import is_rank0
 from dsr1.parallel.launch import load_ep_model
@@ -45,8 +46,9 @@ class DSR1LM(TemplateLM):
     default the checkpoint's max_position_embeddings), max_gen_toks (default for requests that set
     none), think_end_token / strip_thinking=True (score only the text after the last `</think>`; stop
     strings then only count after it), fp8 (keep FP8 weights in memory), attn_impl, and the
-    expert-parallel flags ep, expert_placement, all2all. batch_size, max_batch_size and device come
-    from lm-eval's own flags.
+    expert-parallel flags ep, expert_placement, all2all, and cuda_graphs (auto|on|off: decode steps from
+    CUDA graphs over a cache of max_length x batch_size, where the run allows it). batch_size,
+    max_batch_size and device come from lm-eval's own flags.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class DSR1LM(TemplateLM):
         ep: int = 1,
         expert_placement: str | None = None,
         all2all: str | None = None,
+        cuda_graphs: str = "auto",
         **unknown,
     ):
         super().__init__()
@@ -84,6 +87,7 @@ class DSR1LM(TemplateLM):
         load_kwargs = dict(device=self._device, dtype=DTYPES[dtype], fp8=fp8, attn_impl=attn_impl, max_seq_len=self._max_length, progress=is_rank0())
         # Under torchrun (ep > 1) every rank runs this, then the same requests in lockstep.
         self.model, self.group = load_ep_model(ckpt_path, int(ep), expert_placement, all2all, **load_kwargs)
+        self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size)
 
     # -- what lm-eval reads -------------------------------------------------------------------------
 
@@ -205,6 +209,7 @@ class DSR1LM(TemplateLM):
                 eos_id=self.eot_token_id,
                 should_stop=StopStrings(self.tokenizer, until, self.think_end_token),
                 group=self.group,
+                graphs=self.graphs,
             )
             for context, gen_kwargs, ids in zip(contexts, all_kwargs, outputs):
                 text = postprocess_generated_text(self.tok_decode(ids), until, self.think_end_token)

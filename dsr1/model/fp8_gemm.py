@@ -1,7 +1,7 @@
 """Matrix products with block-quantized FP8 weights: x [..., K] @ dequant(weight [N, K]).T -> [..., N].
 
 R1 stores each projection as e4m3 `weight` [N, K] plus fp32 `weight_scale_inv` [ceil(N/128), ceil(K/128)].
-Three backends compute the same product:
+Four backends compute the same product:
 
 - `dequant`: dequantize the weight, then multiply in the activations' dtype. Pure PyTorch, runs on any
   device, and is the reference that the others are checked against. It reads the FP8 weight but also
@@ -10,9 +10,13 @@ Three backends compute the same product:
   recipe), then call PyTorch's block-scaled FP8 matmul (cuBLASLt; SM90 with CUDA >= 12.9 only). The
   weight is read once, as FP8.
 - `deepgemm`: the same quantization, then DeepGEMM's `fp8_gemm_nt`, used when `deep_gemm` imports.
+- `w8a16`: weight-only FP8 (dsr1/model/w8a16.py, Triton): the FP8 weight is read once and multiplied with
+  the bf16 activations as they are, so the result stays within bf16 rounding of `dequant` (the activation
+  quantization of the two FP8xFP8 backends costs ~2.5% per matmul). It is also the routed experts'
+  kernel on the DeepEP low-latency layout (GroupedExperts), with no host sync.
 
-`select_fp8_backend("auto")` picks the first of deepgemm, scaled_mm and dequant that imports and passes a
-one-matmul self-check on the device. `use_fp8_gemm(model, backend)` gives that backend to every FP8 layer.
+`select_fp8_backend("auto")` picks the first of deepgemm, w8a16, scaled_mm and dequant that imports and
+passes a one-matmul self-check on the device. `use_fp8_gemm(model, backend)` gives that backend to every FP8 layer.
 Shapes the fast backends cannot take (K not a multiple of 128, N not a multiple of 16) go through dequant;
 rows are padded to a multiple of `m_align` (4 for scaled_mm). docs/PERFORMANCE.md has the measurements.
 
@@ -26,10 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr1.checkpoint.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, dequantize, quantize
+from dsr1.model import w8a16
 
-BACKENDS = ("auto", "deepgemm", "scaled_mm", "dequant")
+BACKENDS = ("auto", "deepgemm", "w8a16", "scaled_mm", "dequant")
 AMAX_MIN = 1e-4  # floor of a group's amax, so an all-zero group gets a finite scale (DeepGEMM's per_token_cast_to_fp8)
 SELF_CHECK_TOL = 5e-2  # e4m3 activations alone cost ~2.5% RMS per matmul; a wrong scale layout costs far more
+W8A16_TOL = 1e-2  # the same bf16 weights as dequant: only summation order and output rounding differ
 
 
 def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,6 +125,19 @@ class DeepGemm(_QuantizedActivations):
         return out
 
 
+class W8A16:
+    """Weight-only FP8: the Triton kernel of dsr1/model/w8a16.py on bf16 activations, dequant otherwise."""
+
+    name = "w8a16"
+    keeps_dense = True
+    ragged_n = True
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        if not w8a16.available(x.device, x.dtype):
+            return DEQUANT.linear(x, weight, scale)
+        return w8a16.linear(x, weight, scale)
+
+
 DEQUANT = Dequant()
 
 
@@ -129,11 +148,12 @@ def probe_fp8_backends(device: torch.device | str) -> dict[str, str]:
 
 def select_fp8_backend(name: str = "auto", device: torch.device | str | None = None):
     """The backend called `name` for `device` (default CPU), or with 'auto' the first that works of deepgemm,
-    scaled_mm, dequant. Naming a backend that cannot run on the device is an error."""
+    w8a16, scaled_mm, dequant. Naming a backend that cannot run on the device is an error."""
     if name not in BACKENDS:
         raise ValueError(f"--gemm {name!r} is not one of {BACKENDS}")
     device = torch.device(device or "cpu")
-    for candidate in BACKENDS[1:] if name == "auto" else (name,):
+    auto = [c for c in BACKENDS[1:] if device.type == "cuda" or c == "dequant"]  # the others are for GPUs (w8a16 on CPU: tests)
+    for candidate in auto if name == "auto" else (name,):
         backend, status = _probe(candidate, device)
         if backend is not None:
             return backend
@@ -153,6 +173,12 @@ def _probe(name: str, device: torch.device):
     """(backend, 'ok') if `name` runs on `device` and matches dequant on one product, else (None, reason)."""
     if name == "dequant":
         return DEQUANT, "ok"
+    if name == "w8a16":
+        if not w8a16.available(device):
+            return None, "needs Triton and a CUDA device" if w8a16.triton is not None else "needs Triton (pip install triton)"
+        backend = W8A16()
+        err = _self_check(backend, device, n=320)
+        return (backend, "ok") if err <= W8A16_TOL else (None, f"self-check relative error {err:.2e} > {W8A16_TOL}")
     if device.type != "cuda":
         return None, f"needs a CUDA device, got {device}"
     if torch.cuda.get_device_capability(device) != (9, 0):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
+from dsr1.model import w8a16
 from dsr1.model.fp8_gemm import DEQUANT
 from dsr1.model.linear import Linear
 
@@ -32,12 +33,17 @@ class GroupedExperts(nn.Module):
     Works on the layout DeepEP's low-latency dispatch produces: x [e, M, m] where only rows
     [0, counts[j]) of expert j are valid. Slot j holds the global expert the placement assigns it.
 
-    Two ways to compute the same function: `loop` (per expert, three matmuls; the readable reference,
-    and the path for FP8 weights, which go through the `gemm` backend) and `grouped` (the valid rows of
-    all experts packed, then three grouped matmuls, torch._grouped_mm: a few launches instead of
-    ~10 per active expert). `impl` picks one; `grouped` is the default for run-dtype weights when this
-    torch has torch._grouped_mm.
+    Three ways to compute the same function (`impl`):
+    - `loop`: per expert, three matmuls through the FP8 `gemm` backend. The readable reference.
+    - `grouped`: the valid rows of all experts packed, then three grouped matmuls (torch._grouped_mm).
+    - `masked`: the W8A16 Triton kernel (dsr1/model/w8a16.py) straight on the masked layout: only routed
+      experts' weights are read, FP8 ones as FP8, and the counts never leave the device (no host sync,
+      so a decode step can be captured in a CUDA graph).
+    `auto` (the default) takes `masked` where the kernel runs (CUDA, bf16 activations, and for FP8
+    weights the w8a16 backend), else `grouped` for run-dtype weights and `loop` for FP8 ones.
     """
+
+    IMPLS = ("auto", "loop", "grouped", "masked")
 
     def __init__(self, n_local: int, dim: int, inter_dim: int, fp8: bool):
         super().__init__()
@@ -51,7 +57,18 @@ class GroupedExperts(nn.Module):
                 scale = nn.Parameter(torch.empty(n_local, *scale_shape(out_dim, in_dim), dtype=torch.float32), requires_grad=False)
             self.register_parameter(f"{name}_scale", scale)
         self.gemm = DEQUANT  # FP8 matmul backend; see fp8_gemm.use_fp8_gemm
-        self.impl = "loop" if fp8 or not hasattr(torch, "_grouped_mm") else "grouped"
+        self.impl = "auto"
+
+    def resolve_impl(self, x: Tensor) -> str:
+        """The implementation `auto` stands for on x's device (or `impl` itself when it names one)."""
+        if self.impl != "auto":
+            return self.impl
+        kernel = w8a16.available(x.device, x.dtype)
+        if self.w1_scale is not None:
+            return "masked" if kernel and self.gemm.name == "w8a16" else "loop"
+        if kernel and x.is_cuda:
+            return "masked"
+        return "grouped" if hasattr(torch, "_grouped_mm") else "loop"
 
     def weight(self, name: str, slot: int, dtype: torch.dtype) -> Tensor:
         """Expert `slot`'s weight `name` ('w1', 'w2' or 'w3') in `dtype`, dequantized if FP8."""
@@ -66,8 +83,17 @@ class GroupedExperts(nn.Module):
         return self.gemm.linear(x, getattr(self, name)[slot], scale[slot])
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """x: [e, M, m], counts: [e] -> [e, M, m]; rows past counts[j] are left zero."""
-        return self._grouped(x, counts) if self.impl == "grouped" else self._loop(x, counts)
+        """x: [e, M, m], counts: [e] -> [e, M, m]; rows past counts[j] are not to be read (zero, except with `masked`)."""
+        impl = self.resolve_impl(x)
+        if impl not in self.IMPLS[1:]:
+            raise ValueError(f"GroupedExperts.impl {impl!r} is not one of {self.IMPLS}")
+        return {"loop": self._loop, "grouped": self._grouped, "masked": self._masked}[impl](x, counts)
+
+    def _masked(self, x: Tensor, counts: Tensor) -> Tensor:
+        def mm(a: Tensor, name: str) -> Tensor:  # a [e, M, in] -> [e, M, out], valid rows only
+            return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts)
+
+        return mm(F.silu(mm(x, "w1")) * mm(x, "w3"), "w2")
 
     def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
         valid = torch.arange(x.shape[1], device=x.device) < counts.unsqueeze(1)  # [e, M]

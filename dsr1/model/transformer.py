@@ -115,6 +115,7 @@ class Transformer(nn.Module):
         cache: list | None = None,
         logits_at: Tensor | None = None,
         return_hidden: bool = False,
+        n_keys: int | None = None,
     ):
         """tokens: [b, s] at positions start_pos + [0, s) (start_pos: int or [b]).
 
@@ -123,10 +124,12 @@ class Transformer(nn.Module):
         decode together. Returns logits [b, s, v] fp32, or [b, v] for one position per row if
         `logits_at` [b] gives its index in [0, s) (generation never pays for the others); with
         `return_hidden`, also the final-normed hidden states ([b, s, m], the MTP block's input).
+        `n_keys` fixes the cache rows attended over (masked past each position): by default the largest
+        position sets it, which reads that position back to the host; a CUDA graph passes the cache length.
         """
         b, s = tokens.shape
-        positions = self.positions(tokens, start_pos)  # [b, s]
-        keep = self.attention_mask(positions, cache)  # [b, s, t]
+        positions = self.positions(tokens, start_pos, n_keys is None)  # [b, s]
+        keep = self.attention_mask(positions, cache, n_keys)  # [b, s, t]
         freqs_cis = self.freqs_cis[positions]  # [b, s, r/2]
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
@@ -146,22 +149,24 @@ class Transformer(nn.Module):
         layer_cache = None if cache is None else cache[len(self.layers)]
         return self.mtp[0](h, next_tokens, positions, self.freqs_cis[positions], keep, layer_cache)[0]
 
-    def positions(self, tokens: Tensor, start_pos: Tensor | int) -> Tensor:
+    def positions(self, tokens: Tensor, start_pos: Tensor | int, check: bool = True) -> Tensor:
+        """[b, s] positions of the new tokens; with `check` (a host sync), raise if one is past max_seq_len."""
         b, s = tokens.shape
         start = torch.as_tensor(start_pos, device=tokens.device).expand(b)
         positions = start.unsqueeze(1) + torch.arange(s, device=tokens.device)  # [b, s]
-        end = _n_keys(positions)
+        end = _n_keys(positions) if check else 0
         if end > self.max_seq_len:
             raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
         return positions
 
     @staticmethod
-    def attention_mask(positions: Tensor, cache: list | None) -> Tensor:
-        """[b, s, t] bool: query at position p sees keys at positions <= p."""
+    def attention_mask(positions: Tensor, cache: list | None, n_keys: int | None = None) -> Tensor:
+        """[b, s, t] bool: query at position p sees keys at positions <= p (cache rows [0, n_keys) if given)."""
         if cache is None:
             key_positions = positions  # [b, t=s]: the new tokens are the keys
         else:
-            key_positions = torch.arange(_n_keys(positions), device=positions.device).expand(positions.shape[0], -1)  # [b, t]
+            t = _n_keys(positions) if n_keys is None else n_keys
+            key_positions = torch.arange(t, device=positions.device).expand(positions.shape[0], -1)  # [b, t]
         return key_positions.unsqueeze(1) <= positions.unsqueeze(2)
 
 

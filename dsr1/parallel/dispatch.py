@@ -1,7 +1,8 @@
 """MoE token dispatchers: move each token to the experts the router chose, and the results back.
 
 Every dispatcher produces DeepEP's low-latency receive layout, so expert compute is written once:
-recv_x [e, M, m] with only rows [0, counts[j]) of local expert j valid, M = ranks * max tokens per rank.
+recv_x [e, M, m] with only rows [0, counts[j]) of local expert j valid (the rest are never read, and
+hold whatever the memory held), M = ranks * max tokens per rank.
 
 LocalDispatcher (one process), TorchDispatcher (torch.distributed all-to-all; gloo or NCCL) and
 DeepEPLowLatencyDispatcher (dsr1/parallel/deepep.py); make_dispatcher picks one from --all2all.
@@ -55,7 +56,7 @@ def group_by_expert(slots: Tensor, n_slots: int) -> tuple[Tensor, Tensor, Tensor
     """
     flat = slots.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_slots)
+    counts = torch.zeros(n_slots, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))  # no host sync, unlike bincount
     starts = torch.cumsum(counts, 0) - counts  # [n_slots]
     row = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     return order, row, counts
@@ -116,7 +117,7 @@ class LocalDispatcher:
         order, row, counts = group_by_expert(expert_ids, self.n_local_experts)
         token = order // k
         slot = expert_ids.flatten()[order]
-        recv_x = x.new_zeros(self.n_local_experts, n, x.shape[-1])  # [e, n, m]
+        recv_x = x.new_empty(self.n_local_experts, n, x.shape[-1])  # [e, n, m]; rows past counts unset, as in DeepEP's buffer
         recv_x[slot, row] = x[token]
         return recv_x, counts.int(), (slot, row, order, weights)
 
@@ -183,7 +184,7 @@ class TorchDispatcher:
         q = recv.shape[0]
         slot = torch.arange(n_local, device=x.device).repeat(n_ranks).repeat_interleave(recv_counts, output_size=q)
         row = torch.arange(q, device=x.device) + (slot_start - block_start).repeat_interleave(recv_counts, output_size=q)
-        recv_x = x.new_zeros(n_local, n_ranks * self.max_tokens, x.shape[-1])  # [e, R*T, m]
+        recv_x = x.new_empty(n_local, n_ranks * self.max_tokens, x.shape[-1])  # [e, R*T, m]; rows past counts unset
         recv_x[slot, row] = recv
         routes = _Routes(slot, row, send_splits, recv_splits, pair, weights, x.dtype)
         return recv_x, per_source.sum(0).int(), routes

@@ -1,0 +1,130 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch bucket.
+
+Eager decode launches on the order of a thousand kernels per step from Python, and at batch 1 the host
+time per launch exceeds the GPU time. A CUDA graph replays the whole step with one launch. A graph fixes
+shapes and addresses, so:
+- a batch of b rows runs in the graph of the smallest bucket B >= b; the B - b padding rows feed token 0
+  at position 0 of their own (unused) cache rows;
+- every graph attends over all T rows of one shared KV cache [max bucket, T] (rows past a query's
+  position are masked), instead of sizing the key range from the positions, which needs a host sync;
+- the step must be free of host syncs: the `masked` expert kernel (GroupedExperts) and a sync-free
+  dispatcher (LocalDispatcher; the torch dispatcher reads split sizes on the host and cannot be captured).
+
+A bucket's graph is captured on first use by `prepare(b)`, which must come before the prefill that fills
+the cache: capturing runs the step, which writes cache position 0 of the bucket's rows.
+
+b batch, B bucket, T cache length, v vocabulary
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsr1.model.mlp import GroupedExperts
+from dsr1.model.transformer import Transformer
+from dsr1.parallel.dispatch import LocalDispatcher
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then max_batch itself
+AUTO_CACHE_SHARE = 0.25  # --cuda-graphs auto declines when the shared cache would take more of the free GPU memory
+
+
+class DecodeGraphs:
+    def __init__(self, model: Transformer, max_len: int, max_batch: int = BUCKETS[-1]):
+        check_capturable(model)
+        self.model, self.max_len = model, max_len
+        self.buckets = tuple(size for size in BUCKETS if size < max_batch) + (max_batch,)
+        self.cache = model.new_cache(self.buckets[-1], max_len)  # shared by every bucket: rows [0, B)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}  # B -> graph, tokens, positions, logits
+
+    def bucket(self, b: int) -> int | None:
+        """The bucket a batch of b rows runs in, or None if b exceeds the largest (run it eagerly)."""
+        return next((size for size in self.buckets if size >= b), None)
+
+    def prepare(self, b: int) -> list:
+        """Capture the graph for b rows' bucket if needed; returns the cache the prefill must fill (rows [0, b))."""
+        size = self.bucket(b)
+        if size is None:
+            raise ValueError(f"batch {b} exceeds the largest CUDA-graph bucket {self.buckets[-1]}")
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        return self.cache
+
+    def step(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
+        """One decode step: tokens [b, 1] at positions start_pos [b] -> logits [b, v] fp32."""
+        b = tokens.shape[0]
+        graph, static_tokens, static_pos, logits = self.graphs[self.bucket(b)]
+        static_tokens.zero_()
+        static_pos.zero_()
+        static_tokens[:b].copy_(tokens)
+        static_pos[:b].copy_(start_pos)
+        graph.replay()
+        return logits[:b].clone()
+
+    def _capture(self, size: int):
+        device = self.model.embed.weight.device
+        tokens = torch.zeros(size, 1, dtype=torch.long, device=device)  # [B, 1]
+        positions = torch.zeros(size, dtype=torch.long, device=device)  # [B]
+        first = torch.zeros(size, dtype=torch.long, device=device)  # logits at the one new position
+
+        def run() -> Tensor:
+            return self.model(tokens, positions, self.cache, logits_at=first, n_keys=self.max_len)  # [B, v]
+
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
+            run()
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        return graph, tokens, positions, logits
+
+
+def check_capturable(model: Transformer) -> None:
+    """Raise, naming what, if a decode step of `model` would sync with the host (and so cannot be captured)."""
+    if model.embed.weight.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.embed.weight.device}")
+    if not isinstance(model.dispatcher, LocalDispatcher):
+        raise ValueError(
+            f"CUDA graphs need a sync-free MoE dispatcher (one process: LocalDispatcher); got {type(model.dispatcher).__name__}: "
+            "run expert parallelism with --cuda-graphs off"
+        )
+    probe = model.embed.weight.new_empty(0)
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts) and module.resolve_impl(probe) != "masked":
+            raise ValueError(
+                f"CUDA graphs need the masked expert kernel, but {name} uses {module.resolve_impl(probe)!r} "
+                f"(needs Triton; FP8 experts also need --fp8-gemm w8a16 or auto): run with --cuda-graphs off"
+            )
+
+
+GRAPH_MODES = ("auto", "on", "off")
+
+
+def make_graphs(model: Transformer, mode: str, max_len: int, max_batch: int) -> DecodeGraphs | None:
+    """--cuda-graphs: `off` decodes eagerly; `on` captures graphs or raises saying why it can't;
+    `auto` captures them where the model allows (CUDA, one process, the masked expert kernel).
+    The graphs serve batches of up to max_batch rows and max_len positions (their shared cache's size)."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"--cuda-graphs {mode!r} is not one of {GRAPH_MODES}")
+    if mode == "off":
+        return None
+    try:
+        check_capturable(model)
+        if mode == "auto" and cache_bytes(model, max_batch, max_len) > AUTO_CACHE_SHARE * torch.cuda.mem_get_info(model.embed.weight.device)[0]:
+            return None  # a long max_len: the graphs' fixed-size cache would crowd the GPU
+        return DecodeGraphs(model, max_len, max_batch)
+    except ValueError:
+        if mode == "on":
+            raise
+        return None
+
+
+def cache_bytes(model: Transformer, batch: int, max_len: int) -> int:
+    """Bytes of the KV cache model.new_cache(batch, max_len) allocates."""
+    caches = [layer.attn.new_cache(1, 1, model.embed.weight.dtype, "meta") for layer in [*model.layers, *model.mtp]]
+    per_position = sum(t.nbytes for c in caches for t in vars(c).values())
+    return per_position * batch * max_len

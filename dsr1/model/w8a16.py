@@ -1,0 +1,130 @@
+"""Weight-only FP8 matmuls (W8A16) in Triton: FP8 weights read as FP8, activations kept in bf16.
+
+One kernel computes x @ W.T for a dense layer and for a stack of experts on DeepEP's low-latency layout
+(x [e, M, K] with only rows [0, counts[j]) of expert j valid). Each weight tile is loaded as e4m3,
+multiplied by its 128x128 block scale in fp32 and rounded to bf16: exactly the weight `dequantize` makes,
+so the product is the `dequant` backend's up to fp32 summation order, while the weight crosses memory
+once, at one byte per value. Experts with no rows, and row tiles past an
+expert's count, exit before loading anything: a decode step reads only the experts it routed to, with
+no host sync (the counts stay on the device), so the step can be captured in a CUDA graph.
+
+Used when Triton imports, the tensors are on a CUDA device and the activations are bf16 (R1's run dtype);
+TRITON_INTERPRET=1 runs the same kernel on CPU tensors (the tests do). Run-dtype (bf16) weights take the
+same path with no scale.
+
+e experts (1 for a dense layer), M rows per expert, K in features, N out features, S K-splits
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from dsr1.checkpoint.fp8 import BLOCK
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the dequant path computes the same function
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TARGET_PROGRAMS = 264  # two waves on H100/H200's 132 SMs: below that a dense decode matmul splits K
+
+
+def available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the kernel can run on `dtype` activations on `device`."""
+    return triton is not None and dtype == torch.bfloat16 and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w8a16_kernel(
+        x_ptr, w_ptr, s_ptr, counts_ptr, out_ptr,
+        M, N, K, k_per_split,
+        sxe, sxm, sxk, swe, swn, swk, sse, ssn, ssk, soe, sos, som, son,
+        HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, SCALE_BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_splits = tl.cdiv(K, k_per_split)
+        e, split = pid_es // n_splits, pid_es % n_splits
+        rows = tl.load(counts_ptr + e) if HAS_COUNTS else M
+        if pid_m * BLOCK_M < rows:  # row tiles past this expert's count (all of an unused expert's) do nothing
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+            offs_k = tl.arange(0, BLOCK_K)  # [BK]
+            m_ok, n_ok = offs_m < rows, offs_n < N
+            x_ptrs = x_ptr + e * sxe + offs_m[:, None] * sxm + offs_k[None, :] * sxk  # [BM, BK]
+            w_ptrs = w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk  # [BN, BK]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            k_start = split * k_per_split
+            for i in range(0, k_per_split, BLOCK_K):  # the last split's tail past K is masked off
+                k = k_start + i
+                k_ok = (k + offs_k) < K
+                x = tl.load(x_ptrs + k * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                if HAS_SCALE:  # the tile lies in one 128x128 scale block (BLOCK_K = 128, BLOCK_N divides 128)
+                    scale = tl.load(s_ptr + e * sse + (pid_n * BLOCK_N // SCALE_BLOCK) * ssn + (k // SCALE_BLOCK) * ssk)
+                    w = _round_to_bf16(w.to(tl.float32) * scale)  # exactly dequantize()'s weight
+                if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 anyway
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+                else:
+                    acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))  # [BM, BN] fp32
+            out_ptrs = out_ptr + split * sos + e * soe + offs_m[:, None] * som + offs_n[None, :] * son
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+    @triton.jit
+    def _round_to_bf16(v):
+        """fp32 -> bf16, round to nearest even, in integer ops (the interpreter's float cast truncates)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, counts: Tensor | None = None) -> Tensor:
+    """x [e, M, K] bf16 times each expert's weight [e, N, K] (e4m3 with scale [e, ceil(N/128), ceil(K/128)], or
+    bf16 with scale None) -> [e, M, N] bf16. With counts [e], only rows [0, counts[j]) of
+    expert j are computed; the rest of the output is left as torch.empty made it (the caller ignores them)."""
+    e, m, k = x.shape
+    n = weight.shape[1]
+    block_m = 16 if m <= 16 else 32 if m <= 64 else 64
+    block_n = 64 if m <= 64 else 128
+    block_k = 128
+    n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    k_splits = 1
+    if counts is None and e == 1:  # a small dense product: split K so the GPU has enough programs
+        k_splits = max(1, min(triton.cdiv(k, block_k), TARGET_PROGRAMS // (n_tiles * m_tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
+    k_splits = triton.cdiv(k, k_per_split)
+    # Split-K partial sums stay fp32 until summed; so does the interpreter's output (its fp32 -> bf16 cast truncates).
+    fp32_out = k_splits > 1 or INTERPRET
+    out = torch.empty(k_splits, e, m, n, dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
+    s = scale if scale is not None else weight  # unused when HAS_SCALE is false
+    _w8a16_kernel[(n_tiles, m_tiles, e * k_splits)](
+        x, weight, s, counts if counts is not None else x, out,
+        m, n, k, k_per_split,
+        *x.stride(), *weight.stride(), *(s.stride() if scale is not None else (0, 0, 0)), *_out_strides(out),
+        HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, SCALE_BLOCK=BLOCK, DOT_F32=INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
+    )  # fmt: skip
+    return out.sum(0).to(x.dtype) if fp32_out else out[0]
+
+
+def _out_strides(out: Tensor) -> tuple[int, ...]:
+    """out [S, e, M, N] -> strides in the kernel's argument order (expert, split, row, column)."""
+    return out.stride(1), out.stride(0), out.stride(2), out.stride(3)
+
+
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
+    """x [..., K] bf16 @ weight [N, K].T (e4m3 with scale [ceil(N/128), ceil(K/128)], or bf16) -> [..., N]."""
+    n, k = weight.shape
+    rows = x.reshape(1, -1, k)  # [1, M, K]
+    if rows.shape[1] == 0:  # an idle expert-parallel rank's empty batch
+        return x.new_zeros(*x.shape[:-1], n)
+    out = grouped_linear(rows, weight.unsqueeze(0), None if scale is None else scale.unsqueeze(0))
+    return out.view(*x.shape[:-1], n)
