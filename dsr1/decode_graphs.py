@@ -18,6 +18,8 @@ b batch, B bucket, T cache length, v vocabulary
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ class DecodeGraphs:
         self.buckets = tuple(size for size in BUCKETS if size < max_batch) + (max_batch,)
         self.cache = model.new_cache(self.buckets[-1], max_len)  # shared by every bucket: rows [0, B)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}  # B -> graph, tokens, positions, logits
+        self.graphs: dict[int, _Graph] = {}  # bucket B -> its graph
 
     def bucket(self, b: int) -> int | None:
         """The bucket a batch of b rows runs in, or None if b exceeds the largest (run it eagerly)."""
@@ -54,22 +56,25 @@ class DecodeGraphs:
     def step(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
         """One decode step: tokens [b, 1] at positions start_pos [b] -> logits [b, v] fp32."""
         b = tokens.shape[0]
-        graph, static_tokens, static_pos, logits = self.graphs[self.bucket(b)]
-        static_tokens.zero_()
-        static_pos.zero_()
-        static_tokens[:b].copy_(tokens)
-        static_pos[:b].copy_(start_pos)
-        graph.replay()
-        return logits[:b].clone()
+        g = self.graphs[self.bucket(b)]
+        g.tokens.zero_()
+        g.positions.zero_()
+        g.tokens[:b].copy_(tokens)
+        g.positions[:b].copy_(start_pos)
+        g.graph.replay()
+        return g.logits[:b].clone()
 
-    def _capture(self, size: int):
+    def _capture(self, size: int) -> _Graph:
         device = self.model.embed.weight.device
-        tokens = torch.zeros(size, 1, dtype=torch.long, device=device)  # [B, 1]
-        positions = torch.zeros(size, dtype=torch.long, device=device)  # [B]
-        first = torch.zeros(size, dtype=torch.long, device=device)  # logits at the one new position
+        g = _Graph(
+            graph=torch.cuda.CUDAGraph(),
+            tokens=torch.zeros(size, 1, dtype=torch.long, device=device),
+            positions=torch.zeros(size, dtype=torch.long, device=device),
+            logits_at=torch.zeros(size, dtype=torch.long, device=device),  # the one new position
+        )
 
         def run() -> Tensor:
-            return self.model(tokens, positions, self.cache, logits_at=first, n_keys=self.max_len)  # [B, v]
+            return self.model(g.tokens, g.positions, self.cache, logits_at=g.logits_at, n_keys=self.max_len)  # [B, v]
 
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -77,10 +82,21 @@ class DecodeGraphs:
             run()
             run()
         torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = run()
-        return graph, tokens, positions, logits
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.logits = run()
+        return g
+
+
+@dataclass
+class _Graph:
+    """One bucket's graph and every tensor it reads or writes outside its pool: they must outlive it (a
+    freed input's memory would be reused, and the replay would read whatever lands there)."""
+
+    graph: torch.cuda.CUDAGraph
+    tokens: Tensor  # [B, 1]
+    positions: Tensor  # [B]
+    logits_at: Tensor  # [B] zeros
+    logits: Tensor | None = None  # [B, v] fp32, written by each replay
 
 
 def check_capturable(model: Transformer) -> None:

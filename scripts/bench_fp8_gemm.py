@@ -1,4 +1,4 @@
-"""Time one FP8-weight matmul per backend on R1's projection shapes, next to the time its weight bytes take
+"""Time one FP8-weight matmul per backend (w8a16, scaled_mm, dequant) on R1's projection shapes, next to the time its weight bytes take
 at the measured copy bandwidth, and check it against dequant.
 
     python scripts/bench_fp8_gemm.py [--rows 1,8,64,2048] [--json out.json]
@@ -16,6 +16,7 @@ import torch
 
 from dsr1.bench.measure import Timer, copy_bandwidth
 from dsr1.checkpoint.fp8 import BLOCK, FP8_DTYPE
+from dsr1.model import w8a16
 from dsr1.model.fp8_gemm import DEQUANT, ScaledMM, probe_fp8_backends, quantize_activation
 
 SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o": (7168, 16384),
@@ -51,8 +52,11 @@ def main() -> None:
             x = torch.randn(m, k, generator=gen, device=device, dtype=torch.bfloat16)
             ref = DEQUANT.linear(x.float(), weight, scale)
             got = ScaledMM().linear(x, weight, scale).float()
+            got_w8a16 = w8a16.linear(x, weight, scale).float()
             row = {"shape": name, "n": n, "k": k, "m": m, "rel_err": ((got - ref).norm() / ref.norm()).item(),
+                   "w8a16_rel_err": ((got_w8a16 - ref).norm() / ref.norm()).item(),
                    "floor_us": 1e6 * weight.nbytes / bw,
+                   "w8a16_us": 1e6 * per_call(timer, lambda: w8a16.linear(x, weight, scale)),
                    "scaled_mm_us": 1e6 * per_call(timer, lambda: ScaledMM().linear(x, weight, scale)),
                    "quantize_us": 1e6 * per_call(timer, lambda: quantize_activation(x)),
                    "dequant_us": 1e6 * per_call(timer, lambda: DEQUANT.linear(x, weight, scale))}
