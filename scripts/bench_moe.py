@@ -1,15 +1,16 @@
 """Microbenchmark one MoE layer (route + dispatch + experts + combine) under expert parallelism.
 
 Run under torchrun, one process per GPU:
-    torchrun --nproc-per-node 4 scripts/bench_moe.py --all2all deepep_ll torch --placement linear round_robin
+    torchrun --nproc-per-node 4 scripts/bench_moe.py --all2all deepep_ll torch --placement linear round_robin \
+        --weights bf16 fp8 --tokens 1 8 64 128
 
-R1's shape by default (hidden 7168, 256 experts in 8 groups, top-8, expert inner 2048), random bf16
-weights, `--tokens` tokens per rank. Every configuration sees the same tokens and the same router, so
+R1's shape by default (hidden 7168, 256 experts in 8 groups, top-8, expert inner 2048), random bf16 or
+FP8 weights, `--tokens` tokens per rank (a decode step's batch per rank). Every configuration sees the same tokens and the same router, so
 linear and round-robin route identically and differ only in where the experts live. "skewed" adds a
 group-popularity bias to the router (R1's e_score_correction_bias steers selection), as
 scripts/placement_report.py does. Prints one row per configuration: the slowest rank's mean time per
 layer, the same without expert compute (dispatch + combine only), the heaviest rank's received rows,
-and the time relative to linear placement.
+the time relative to linear placement, and the torch dispatcher's time over this row's (same placement).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from dsr1.checkpoint.fp8 import FP8_DTYPE
 from dsr1.config import ModelConfig
+from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
+from dsr1.model.mlp import GroupedExperts
 from dsr1.model.moe import MoE
 from dsr1.parallel.dispatch import make_dispatcher
 from dsr1.parallel.dist import init_distributed, log_rank0
@@ -31,17 +35,25 @@ from dsr1.parallel.placement import expert_placement
 from dsr1.placement_report import DEFAULT_CONFIG
 
 
-def build_layer(cfg: ModelConfig, dispatcher, skew: float, device: torch.device, dtype: torch.dtype) -> MoE:
-    """One MoE layer, built on `device`, with the same random router on every rank and this rank's experts."""
+def build_layer(cfg: ModelConfig, dispatcher, skew: float, device: torch.device, dtype: torch.dtype, fp8: bool) -> MoE:
+    """One MoE layer, built on `device`, with the same random router on every rank and this rank's experts
+    (FP8 weights with block scales, multiplied by the w8a16 kernel, if `fp8`)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        moe = MoE(cfg, dispatcher, fp8=False)
+        moe = MoE(cfg, dispatcher, fp8=fp8)
     torch.set_default_dtype(default_dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for p in moe.parameters():  # each expert or MLP weight [..., out, in]
-            p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+        for name, p in moe.named_parameters():  # each expert or MLP weight [..., out, in]
+            if p.dtype == FP8_DTYPE:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=dtype).clamp_(-8, 8).to(FP8_DTYPE))
+            elif name.endswith("scale"):
+                p.fill_(1 / math.sqrt(128 * p.shape[-1]))  # p [.., out/128, in/128]: outputs of about unit variance
+            else:
+                p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+    if fp8:
+        use_fp8_gemm(moe, select_fp8_backend("auto", device))
         moe.gate.weight.mul_(2)  # wide router logits, as the synthetic checkpoints have
         group_size = cfg.n_routed_experts // cfg.n_expert_groups
         group_rank = torch.randperm(cfg.n_expert_groups, generator=gen, device=device).repeat_interleave(group_size)
@@ -87,12 +99,13 @@ def received_rows(moe: MoE, x: torch.Tensor) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--tokens", type=int, default=128, help="tokens per rank (one dispatch)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[128], help="tokens per rank (one dispatch each); decode batch sizes")
+    p.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "fp8"], help="expert weights: bf16, or FP8 (w8a16 kernel on CUDA)")
     p.add_argument("--all2all", nargs="+", default=["deepep_ll", "torch"])
     p.add_argument("--placement", nargs="+", default=["linear", "round_robin"])
     p.add_argument("--fp8-dispatch", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = uniform routing")
-    p.add_argument("--experts", nargs="+", default=["grouped"], choices=["grouped", "loop"], help="GroupedExperts.impl to time")
+    p.add_argument("--experts", nargs="+", default=["auto"], choices=GroupedExperts.IMPLS, help="GroupedExperts.impl to time (auto: masked on CUDA)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", help="write the rows here (rank 0)")
     args = p.parse_args()
@@ -103,33 +116,40 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_file(args.config)
-    x = torch.randn(args.tokens, cfg.dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(rank))
+    max_tokens = max(args.tokens)
     rows = []
-    for all2all in args.all2all:
-        for fp8 in args.fp8_dispatch:
-            if fp8 == "on" and all2all != "deepep_ll":
-                continue
-            for skew, impl, strategy in itertools.product(args.skew, args.experts, args.placement):
-                placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
-                dispatcher = make_dispatcher(all2all, placement, None, args.tokens, cfg.dim, fp8 == "on")
-                moe = build_layer(cfg, dispatcher, skew, device, dtype)
-                moe.experts.impl = impl
+    for all2all, fp8, weights in itertools.product(args.all2all, args.fp8_dispatch, args.weights):
+        if fp8 == "on" and all2all != "deepep_ll":
+            continue
+        for skew, impl, strategy in itertools.product(args.skew, args.experts, args.placement):
+            placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
+            dispatcher = make_dispatcher(all2all, placement, None, max_tokens, cfg.dim, fp8 == "on")
+            moe = build_layer(cfg, dispatcher, skew, device, dtype, weights == "fp8")
+            moe.experts.impl = impl
+            for tokens in args.tokens:
+                x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(rank))
                 with torch.inference_mode():
                     received = torch.tensor([received_rows(moe, x)], device=device)
                     times = torch.tensor([time_layer(moe, x, args.iters, True), time_layer(moe, x, args.iters, False)], device=device)
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
                 dist.all_reduce(received, op=dist.ReduceOp.MAX)
-                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "skew": skew, "experts": impl, "placement": strategy,
-                             "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(), "max_rank_rows": int(received)})
-                del moe, dispatcher
+                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "weights": weights, "skew": skew, "experts": moe.experts.resolve_impl(x),
+                             "placement": strategy, "tokens": tokens, "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(),
+                             "max_rank_rows": int(received)})
+            del moe, dispatcher
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    log_rank0(f"EP={world}, {args.tokens} tokens/rank, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}")
-    log_rank0(f"{'all2all':<10} {'fp8':<4} {'skew':>5} {'experts':<8} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} {'max rows':>9} {'vs linear':>10}")
+    log_rank0(f"EP={world}, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}; slowest rank, mean of {args.iters}")
+    keys = ("all2all", "fp8_dispatch", "weights", "skew", "experts", "tokens")
+    log_rank0(f"{'all2all':<10} {'fp8':<4} {'weights':<7} {'skew':>5} {'experts':<8} {'tokens':>6} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} "
+              f"{'max rows':>9} {'vs linear':>10} {'torch / this':>12}")
     for r in rows:
-        base = next(b for b in rows if b["placement"] == "linear" and all(b[k] == r[k] for k in ("all2all", "fp8_dispatch", "skew", "experts")))
-        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['skew']:>5g} {r['experts']:<8} {r['placement']:<12} {r['layer_us']:>10.1f} "
-                  f"{r['dispatch_combine_us']:>13.1f} {r['max_rank_rows']:>9} {r['layer_us'] / base['layer_us']:>10.3f}")
+        base = next(b for b in rows if b["placement"] == "linear" and all(b[k] == r[k] for k in keys))
+        peer = next((b for b in rows if b["all2all"] == "torch" and b["placement"] == r["placement"] and b["fp8_dispatch"] == "off"
+                     and all(b[k] == r[k] for k in keys if k not in ("all2all", "fp8_dispatch"))), None)
+        vs_torch = f"{peer['layer_us'] / r['layer_us']:>12.2f}" if peer else f"{'-':>12}"
+        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['weights']:<7} {r['skew']:>5g} {r['experts']:<8} {r['tokens']:>6} {r['placement']:<12} "
+                  f"{r['layer_us']:>10.1f} {r['dispatch_combine_us']:>13.1f} {r['max_rank_rows']:>9} {r['layer_us'] / base['layer_us']:>10.3f} {vs_torch}")
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump({"ep": world, "device": card, "rows": rows}, f, indent=1)

@@ -47,7 +47,7 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, counts_ptr, out_ptr,
         M, N, K, k_per_split,
         sxe, sxm, sxk, swe, swn, swk, sse, ssn, ssk, soe, sos, som, son,
-        HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, SCALE_BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -70,18 +70,19 @@ if triton is not None:
                 w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 if HAS_SCALE:  # the tile lies in one 128x128 scale block (BLOCK_K = 128, BLOCK_N divides 128)
                     scale = tl.load(s_ptr + e * sse + (pid_n * BLOCK_N // SCALE_BLOCK) * ssn + (k // SCALE_BLOCK) * ssk, mask=k < K, other=0.0)
-                    w = _round_to_bf16(w.to(tl.float32) * scale)  # exactly dequantize()'s weight
-                if DOT_F32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 anyway
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+                    w = w.to(tl.float32) * scale  # rounded to bf16 below: exactly dequantize()'s weight
+                if INTERPRETED:  # the interpreter's fp32 -> bf16 cast truncates and its bf16 dot is wrong
+                    w = _round_to_bf16(w.to(tl.float32)).to(tl.float32)
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w))  # bf16 products are exact in fp32
                 else:
-                    acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))  # [BM, BN] fp32
+                    acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))  # [BM, BN] fp32; the cast rounds to nearest even
             out_ptrs = out_ptr + split * sos + e * soe + offs_m[:, None] * som + offs_n[None, :] * son
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
     @triton.jit
     def _round_to_bf16(v):
-        """fp32 -> bf16, round to nearest even, in integer ops (the interpreter's float cast truncates)."""
+        """fp32 -> bf16, round to nearest even, in integer ops, for the interpreter (its float cast truncates)."""
         bits = v.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -110,7 +111,7 @@ def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, counts: Tens
         x, weight, s, counts if counts is not None else x, out,
         m, n, k, k_per_split,
         *x.stride(), *weight.stride(), *(s.stride() if scale is not None else (0, 0, 0)), *_out_strides(out),
-        HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, SCALE_BLOCK=BLOCK, DOT_F32=INTERPRET,
+        HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
     )  # fmt: skip
     return out.sum(0).to(x.dtype) if fp32_out else out[0]
