@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
 from dsr1.model import w8a16
 from dsr1.model.fp8_gemm import DEQUANT
+from dsr1.parallel.fp8_rows import FP8Rows
 from dsr1.model.linear import Linear
 
 
@@ -59,11 +60,14 @@ class GroupedExperts(nn.Module):
         self.gemm = DEQUANT  # FP8 matmul backend; see fp8_gemm.use_fp8_gemm
         self.impl = "auto"
 
-    def resolve_impl(self, x: Tensor) -> str:
-        """The implementation `auto` stands for on x's device (or `impl` itself when it names one)."""
+    def resolve_impl(self, x: Tensor | FP8Rows) -> str:
+        """The implementation `auto` stands for on x's device and dtype (FP8Rows count as bf16), or `impl`
+        itself when it names one."""
         if self.impl != "auto":
             return self.impl
-        kernel = w8a16.available(x.device, x.dtype)
+        dtype = torch.bfloat16 if isinstance(x, FP8Rows) else x.dtype
+        x = x.data if isinstance(x, FP8Rows) else x
+        kernel = w8a16.available(x.device, dtype)
         if self.w1_scale is not None:
             return "masked" if kernel and self.gemm.name == "w8a16" else "loop"
         if kernel and x.is_cuda:
@@ -82,15 +86,18 @@ class GroupedExperts(nn.Module):
             return F.linear(x, self.weight(name, slot, x.dtype))
         return self.gemm.linear(x, getattr(self, name)[slot], scale[slot])
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """x: [e, M, m], counts: [e] -> [e, M, m]; rows past counts[j] are not to be read (zero, except with `masked`)."""
+    def forward(self, x: Tensor | FP8Rows, counts: Tensor) -> Tensor:
+        """x: [e, M, m] (or FP8Rows from an FP8 dispatch), counts: [e] -> [e, M, m] in the run dtype; rows past
+        counts[j] are not to be read (zero, except with `masked`)."""
         impl = self.resolve_impl(x)
         if impl not in self.IMPLS[1:]:
             raise ValueError(f"GroupedExperts.impl {impl!r} is not one of {self.IMPLS}")
+        if isinstance(x, FP8Rows) and impl != "masked":  # only the masked kernel reads FP8 activations
+            x = x.dequantize(torch.bfloat16)
         return {"loop": self._loop, "grouped": self._grouped, "masked": self._masked}[impl](x, counts)
 
-    def _masked(self, x: Tensor, counts: Tensor) -> Tensor:
-        def mm(a: Tensor, name: str) -> Tensor:  # a [e, M, in] -> [e, M, out], valid rows only
+    def _masked(self, x: Tensor | FP8Rows, counts: Tensor) -> Tensor:
+        def mm(a: Tensor | FP8Rows, name: str) -> Tensor:  # a [e, M, in] -> [e, M, out] bf16, valid rows only
             return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts)
 
         return mm(F.silu(mm(x, "w1")) * mm(x, "w3"), "w2")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from dsr1.checkpoint.fp8 import BLOCK, dequantize
+from dsr1.parallel.fp8_rows import FP8Rows
 
 try:
     import triton
@@ -44,10 +45,10 @@ if triton is not None:
 
     @triton.jit
     def _w8a16_kernel(
-        x_ptr, w_ptr, s_ptr, counts_ptr, out_ptr,
+        x_ptr, xs_ptr, w_ptr, s_ptr, counts_ptr, out_ptr,
         M, N, K, k_per_split,
-        sxe, sxm, sxk, swe, swn, swk, sse, ssn, ssk, soe, sos, som, son,
-        HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+        sxe, sxm, sxk, sxse, sxsm, sxsk, swe, swn, swk, sse, ssn, ssk, soe, sos, som, son,
+        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -67,6 +68,10 @@ if triton is not None:
                 k = k_start + i
                 k_ok = (k + offs_k) < K
                 x = tl.load(x_ptrs + k * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if HAS_X_SCALE:  # FP8 activations with a scale per row and 128 channels: dequantized to bf16 here
+                    x_scale = tl.load(xs_ptr + e * sxse + offs_m * sxsm + (k // SCALE_BLOCK) * sxsk, mask=m_ok & (k < K), other=0.0)
+                    x = x.to(tl.float32) * x_scale[:, None]
+                    x = _round_to_bf16(x) if INTERPRETED else x.to(tl.bfloat16)
                 w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 if HAS_SCALE:  # the tile lies in one 128x128 scale block (BLOCK_K = 128, BLOCK_N divides 128)
                     scale = tl.load(s_ptr + e * sse + (pid_n * BLOCK_N // SCALE_BLOCK) * ssn + (k // SCALE_BLOCK) * ssk, mask=k < K, other=0.0)
@@ -88,15 +93,18 @@ if triton is not None:
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, counts: Tensor | None = None) -> Tensor:
-    """x [e, M, K] bf16 times each expert's weight [e, N, K] (e4m3 with scale [e, ceil(N/128), ceil(K/128)], or
-    bf16 with scale None) -> [e, M, N] bf16. With counts [e], only rows [0, counts[j]) of
-    expert j are computed; the rest of the output is left as torch.empty made it (the caller ignores them)."""
+def grouped_linear(
+    x: Tensor | FP8Rows, weight: Tensor, scale: Tensor | None, counts: Tensor | None = None, config: dict | None = None
+) -> Tensor:
+    """x [e, M, K] bf16 (or FP8Rows: e4m3 with 1x128 scales, as DeepEP's FP8 dispatch delivers them, dequantized
+    in the kernel exactly as FP8Rows.dequantize does) times each expert's weight [e, N, K] (e4m3 with scale
+    [e, ceil(N/128), ceil(K/128)], or bf16 with scale None) -> [e, M, N] bf16. With counts [e], only rows
+    [0, counts[j]) of expert j are computed; the rest of the output is left as torch.empty made it."""
+    x, x_scale = (x.data, x.scales) if isinstance(x, FP8Rows) else (x, None)
     e, m, k = x.shape
     n = weight.shape[1]
-    block_m = 16 if m <= 16 else 32 if m <= 64 else 64
-    block_n = 64 if m <= 64 else 128
-    block_k = 128
+    cfg = {**launch_config(m, counts is not None), **(config or {})}
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], BLOCK
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     k_splits = 1
     if counts is None and e == 1:  # a small dense product: split K so the GPU has enough programs
@@ -105,16 +113,30 @@ def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, counts: Tens
     k_splits = triton.cdiv(k, k_per_split)
     # Split-K partial sums stay fp32 until summed; so does the interpreter's output (its fp32 -> bf16 cast truncates).
     fp32_out = k_splits > 1 or INTERPRET
-    out = torch.empty(k_splits, e, m, n, dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
-    s = scale if scale is not None else weight  # unused when HAS_SCALE is false
+    out = torch.empty(k_splits, e, m, n, dtype=torch.float32 if fp32_out else torch.bfloat16, device=x.device)
     _w8a16_kernel[(n_tiles, m_tiles, e * k_splits)](
-        x, weight, s, counts if counts is not None else x, out,
+        x, _or(x_scale, x), weight, _or(scale, weight), _or(counts, x), out,  # unused pointers: any tensor
         m, n, k, k_per_split,
-        *x.stride(), *weight.stride(), *(s.stride() if scale is not None else (0, 0, 0)), *_out_strides(out),
-        HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
+        *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), *_out_strides(out),
+        HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    return out.sum(0).to(x.dtype) if fp32_out else out[0]
+    return out.sum(0).to(torch.bfloat16) if fp32_out else out[0]
+
+
+def _or(t: Tensor | None, other: Tensor) -> Tensor:
+    return other if t is None else t
+
+
+def _strides(t: Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else t.stride()
+
+
+def launch_config(m: int, grouped: bool) -> dict:
+    """Tile sizes and launch settings for M rows (per expert when grouped; the counts stay on the device,
+    so a grouped call is tiled for the few rows a decode step routes to each expert)."""
+    block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": 64 if m <= 64 or grouped else 128, "num_warps": 4, "num_stages": 4}
 
 
 def _out_strides(out: Tensor) -> tuple[int, ...]:

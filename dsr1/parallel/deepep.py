@@ -16,11 +16,11 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from dsr1.parallel.dispatch import check_chunk, check_group, ep_chunks
+from dsr1.parallel.fp8_rows import FP8Rows
 from dsr1.parallel.placement import Placement
 
 HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)  # compiled in csrc/kernels/launch.cuh
 MAX_TOP_K = 11  # kNumMaxTopK in internode_ll.cu
-FP8_BLOCK = 128  # one fp32 scale per 128 channels of a token
 
 BUILD_HINT = (
     "build DeepEP from source (https://github.com/deepseek-ai/DeepEP, V1 Buffer API, commit 567632d, against the "
@@ -71,15 +71,14 @@ class _LLHandle(NamedTuple):
     physical_ids: Tensor  # [n, k] int64: combine must get the ids dispatch got
     weights: Tensor  # [n, k] fp32
     dtype: torch.dtype  # x's dtype, restored by combine
-    fp8_recv: tuple[Tensor, Tensor] | None  # raw FP8 recv (data [e, R*T, m], scales fp32 [e, R*T, m/128]), for DeepGEMM
 
 
 class DeepEPLowLatencyDispatcher:
     """Dispatch/combine with DeepEP LL: tokens cross NVLink (or RDMA) straight into [e, R*T, m] receive buffers.
 
     Activations travel in BF16 (x of another dtype is cast, and combine casts back), or in FP8 with
-    per-128-channel scales when fp8_dispatch is set; the FP8 receive is dequantized to BF16 for the
-    PyTorch experts and kept raw in the handle. Rows of an expert arrive grouped by source rank, in
+    per-128-channel scales when fp8_dispatch is set; the FP8 receive goes to the experts as FP8Rows (the
+    w8a16 kernel reads it directly, other paths dequantize it). Rows of an expert arrive grouped by source rank, in
     an order that varies from run to run. The Buffer is set up over `group` (None: the default group);
     vLLM passes a gloo group there (dsr1.parallel.dist.new_cpu_group), and chunks() reduces over it too.
     """
@@ -111,12 +110,9 @@ class DeepEPLowLatencyDispatcher:
             x16, physical_ids, self.max_tokens, self.placement.n_experts,
             use_fp8=self.fp8_dispatch, async_finish=False, return_recv_hook=False,
         )
-        fp8_recv = recv if self.fp8_dispatch else None
         if self.fp8_dispatch:
-            data, scales = recv  # [e, R*T, m] e4m3, [e, R*T, m/128] fp32 (column-major storage)
-            blocks = data.unflatten(-1, (-1, FP8_BLOCK)).float() * scales.unsqueeze(-1)  # [e, R*T, m/128, 128]
-            recv = blocks.flatten(-2).to(torch.bfloat16)
-        handle = _LLHandle(native, physical_ids, weights.float().contiguous(), x.dtype, fp8_recv)
+            recv = FP8Rows(*recv)  # [e, R*T, m] e4m3, [e, R*T, m/128] fp32: the experts read them as they are
+        handle = _LLHandle(native, physical_ids, weights.float().contiguous(), x.dtype)
         return recv, counts, handle
 
     def combine(self, y: Tensor, handle: Any) -> Tensor:

@@ -109,3 +109,20 @@ def test_whole_model_matches_dequant():
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"\n[w8a16] vs dequant logits: rel err {rel_err(got, ref):.2e}, greedy agree {agree:.1%}")
     assert rel_err(got, ref) < 2e-2 and agree >= 0.9
+
+
+def test_fp8_activations_are_dequantized_in_the_kernel():
+    """FP8Rows (DeepEP's FP8 dispatch) through the kernel = dequantizing them first, bit for bit."""
+    from dsr1.model.fp8_gemm import quantize_activation
+    from dsr1.parallel.fp8_rows import FP8Rows
+
+    e, rows, n, k = 3, 5, 128, 256
+    w, s = fp8_weights(e, n, k, seed=5)
+    x = torch.randn(e * rows, k, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.bfloat16)
+    q, q_scale = quantize_activation(x)  # [e*M, K] e4m3, [e*M, K/128] column-major, as DeepEP stores them
+    fp8 = FP8Rows(q.view(e, rows, k), q_scale.view(e, rows, -1))
+    counts = torch.tensor([5, 2, 0], dtype=torch.int32, device=DEVICE)
+    got = w8a16.grouped_linear(fp8, w, s, counts)
+    want = w8a16.grouped_linear(fp8.dequantize(torch.bfloat16), w, s, counts)
+    for j, c in enumerate(counts.tolist()):
+        torch.testing.assert_close(got[j, :c], want[j, :c], rtol=0, atol=0)
