@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-dispatch-tokens", type=int, default=128)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    p.add_argument("--fp8-weights", action="store_true", help="keep FP8 weights (w8a16 kernel on CUDA), in the reference run too")
     p.add_argument("--json", help="write the result rows here (rank 0)")
     args = p.parse_args()
 
@@ -70,7 +71,7 @@ def main() -> None:
     mine = [prompts[i] for i in rank_share(len(prompts), rank, world)]
 
     if world == 1:
-        model = load_model(args.ckpt_path, dtype=dtype, progress=False)
+        model = load_model(args.ckpt_path, dtype=dtype, fp8=args.fp8_weights, progress=False)
         logits, tokens = run(model, mine, args.max_new_tokens, None)
         with open(args.reference, "w") as f:
             json.dump({"logits": logits.tolist(), "tokens": tokens}, f)
@@ -83,7 +84,7 @@ def main() -> None:
         for fp8 in args.fp8_dispatch:
             placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
             dispatcher = make_dispatcher(args.all2all, placement, group, args.max_dispatch_tokens, cfg.dim, fp8 == "on")
-            model = load_model(args.ckpt_path, dtype=dtype, dispatcher=dispatcher, rank=rank, progress=False)
+            model = load_model(args.ckpt_path, dtype=dtype, fp8=args.fp8_weights, dispatcher=dispatcher, rank=rank, progress=False)
             logits, tokens = run(model, mine, args.max_new_tokens, group)
             parts = gather_to_rank0((logits, tokens, model.load_stats.summary()), group)
             del model

@@ -103,12 +103,12 @@ def grouped_linear(
     x, x_scale = (x.data, x.scales) if isinstance(x, FP8Rows) else (x, None)
     e, m, k = x.shape
     n = weight.shape[1]
-    cfg = {**launch_config(m, counts is not None), **(config or {})}
+    cfg = {**launch_config(m, k, counts is not None), **(config or {})}
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], BLOCK
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     k_splits = 1
-    if counts is None and e == 1:  # a small dense product: split K so the GPU has enough programs
-        k_splits = max(1, min(triton.cdiv(k, block_k), TARGET_PROGRAMS // (n_tiles * m_tiles)))
+    if counts is None and e == 1:  # a dense product with few N tiles: split K so the GPU has enough programs
+        k_splits = max(1, min(triton.cdiv(k, block_k), TARGET_PROGRAMS // n_tiles))  # not by M: rows stay batch-invariant
     k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
     k_splits = triton.cdiv(k, k_per_split)
     # Split-K partial sums stay fp32 until summed; so does the interpreter's output (its fp32 -> bf16 cast truncates).
@@ -132,11 +132,14 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else t.stride()
 
 
-def launch_config(m: int, grouped: bool) -> dict:
-    """Tile sizes and launch settings for M rows (per expert when grouped; the counts stay on the device,
-    so a grouped call is tiled for the few rows a decode step routes to each expert)."""
+def launch_config(m: int, k: int, grouped: bool) -> dict:
+    """Tile sizes and launch settings for M rows of K features (per expert when grouped: the counts stay on
+    the device, so a grouped call is tiled for the few rows a decode step routes to each expert). From
+    scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): wide N tiles for the experts and the long-K dense
+    products, deeper pipelines for those at one row."""
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": 64 if m <= 64 or grouped else 128, "num_warps": 4, "num_stages": 4}
+    wide = grouped or k >= 16384 or m > 64
+    return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 5 if k >= 16384 and m <= 16 else 3}
 
 
 def _out_strides(out: Tensor) -> tuple[int, ...]:
