@@ -137,6 +137,8 @@ def launch_config(m: int, k: int, grouped: bool) -> dict:
     the device, so a grouped call is tiled for the few rows a decode step routes to each expert). From
     scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): wide N tiles for the experts and the long-K dense
     products, deeper pipelines for those at one row."""
+    if grouped and m <= 16 and k >= 4096:  # a batch-1 step's few experts with long rows: more loads in flight
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 5}
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
     wide = grouped or k >= 16384 or m > 64
     return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 5 if k >= 16384 and m <= 16 else 3}
