@@ -69,7 +69,8 @@ if triton is not None:
                 k_ok = (k + offs_k) < K
                 x = tl.load(x_ptrs + k * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 if HAS_X_SCALE:  # FP8 activations with a scale per row and 128 channels: dequantized to bf16 here
-                    x_scale = tl.load(xs_ptr + e * sxse + offs_m * sxsm + (k // SCALE_BLOCK) * sxsk, mask=m_ok & (k < K), other=0.0)
+                    xs_ok = m_ok & (offs_m * 0 + k < K)  # [BM]; a vector mask (Triton 3.9's interpreter refuses tensor & scalar)
+                    x_scale = tl.load(xs_ptr + e * sxse + offs_m * sxsm + (k // SCALE_BLOCK) * sxsk, mask=xs_ok, other=0.0)
                     x = x.to(tl.float32) * x_scale[:, None]
                     x = _round_to_bf16(x) if INTERPRETED else x.to(tl.bfloat16)
                 w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
