@@ -129,8 +129,7 @@ class W8A16:
     """Weight-only FP8: the Triton kernel of dsr1/model/w8a16.py on bf16 activations, dequant otherwise."""
 
     name = "w8a16"
-    keeps_dense = True
-    ragged_n = True
+    keeps_dense = True  # MLA's wkv_b, used outside a matmul, is dequantized once and kept
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         if not w8a16.available(x.device, x.dtype):
