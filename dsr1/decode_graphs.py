@@ -7,11 +7,16 @@ shapes and addresses, so:
   at position 0 of their own (unused) cache rows;
 - every graph attends over all T rows of one shared KV cache [max bucket, T] (rows past a query's
   position are masked), instead of sizing the key range from the positions, which needs a host sync;
-- the step must be free of host syncs: the `masked` expert kernel (GroupedExperts) and a sync-free
-  dispatcher (LocalDispatcher; the torch dispatcher reads split sizes on the host and cannot be captured).
+- the step must be free of host syncs: the `masked` expert kernel (GroupedExperts) and a capturable
+  dispatcher (LocalDispatcher or DeepEP LL; the torch dispatcher reads split sizes on the host).
 
-A bucket's graph is captured on first use by `prepare(b)`, which must come before the prefill that fills
-the cache: capturing runs the step, which writes cache position 0 of the bucket's rows.
+Under expert parallelism every rank replays a graph in every step (a rank without prompts replays the
+smallest bucket on a padding row), each MoE layer makes exactly one dispatch (the buckets stay within the
+dispatcher's max_tokens, and capture runs under `single_dispatch`), and the ranks capture the same
+buckets in the same order, all of them up front, since capturing runs steps that dispatch.
+
+One process captures a bucket's graph on first use in `prepare(b)`, which must come before the prefill
+that fills the cache: capturing runs the step, which writes cache position 0 of the bucket's rows.
 
 b batch, B bucket, T cache length, v vocabulary
 """
@@ -22,26 +27,40 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from dsr1.model.mlp import GroupedExperts
 from dsr1.model.transformer import Transformer
-from dsr1.parallel.dispatch import LocalDispatcher
+from dsr1.parallel.dispatch import single_dispatch
+from dsr1.parallel.dist import all_reduce_max
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then max_batch itself
 AUTO_CACHE_SHARE = 0.25  # --cuda-graphs auto declines when the shared cache would take more of the free GPU memory
 
 
 class DecodeGraphs:
-    def __init__(self, model: Transformer, max_len: int, max_batch: int = BUCKETS[-1]):
+    def __init__(self, model: Transformer, max_len: int, max_batch: int = BUCKETS[-1], group: ProcessGroup | None = None):
+        """Graphs for batches of up to max_batch rows (with a group: the largest over its ranks) and
+        sequences of up to max_len positions; with a group, every bucket is captured here, in lockstep."""
         check_capturable(model)
+        if group is not None:
+            max_batch = all_reduce_max(max_batch, group)
+            if max_batch > model.dispatcher.max_tokens:
+                raise ValueError(
+                    f"CUDA graphs under expert parallelism need batches within one dispatch: {max_batch} rows per rank "
+                    f"> --max-dispatch-tokens {model.dispatcher.max_tokens}"
+                )
         self.model, self.max_len = model, max_len
         self.buckets = tuple(size for size in BUCKETS if size < max_batch) + (max_batch,)
         self.cache = model.new_cache(self.buckets[-1], max_len)  # shared by every bucket: rows [0, B)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}  # bucket B -> its graph
+        if group is not None:
+            for size in self.buckets:
+                self.graphs[size] = self._capture(size)
 
     def bucket(self, b: int) -> int | None:
-        """The bucket a batch of b rows runs in, or None if b exceeds the largest (run it eagerly)."""
+        """The bucket a batch of b rows (0: an idle EP rank) runs in, or None if b exceeds the largest."""
         return next((size for size in self.buckets if size >= b), None)
 
     def prepare(self, b: int) -> list:
@@ -76,14 +95,15 @@ class DecodeGraphs:
         def run() -> Tensor:
             return self.model(g.tokens, g.positions, self.cache, logits_at=g.logits_at, n_keys=self.max_len)  # [B, v]
 
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
-            run()
-            run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.logits = run()
+        with single_dispatch(self.model.dispatcher):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
+                run()
+                run()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.cuda.graph(g.graph, pool=self.pool):
+                g.logits = run()
         return g
 
 
@@ -103,10 +123,10 @@ def check_capturable(model: Transformer) -> None:
     """Raise, naming what, if a decode step of `model` would sync with the host (and so cannot be captured)."""
     if model.embed.weight.device.type != "cuda":
         raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.embed.weight.device}")
-    if not isinstance(model.dispatcher, LocalDispatcher):
+    if not model.dispatcher.capturable:
         raise ValueError(
-            f"CUDA graphs need a sync-free MoE dispatcher (one process: LocalDispatcher); got {type(model.dispatcher).__name__}: "
-            "run expert parallelism with --cuda-graphs off"
+            f"CUDA graphs need a dispatcher without host syncs (one process, or --all2all deepep_ll); "
+            f"{type(model.dispatcher).__name__} reads split sizes on the host: run it with --cuda-graphs off"
         )
     probe = model.embed.weight.new_empty(0)
     for name, module in model.named_modules():
@@ -120,23 +140,29 @@ def check_capturable(model: Transformer) -> None:
 GRAPH_MODES = ("auto", "on", "off")
 
 
-def make_graphs(model: Transformer, mode: str, max_len: int, max_batch: int) -> DecodeGraphs | None:
+def make_graphs(model: Transformer, mode: str, max_len: int, max_batch: int, group: ProcessGroup | None = None) -> DecodeGraphs | None:
     """--cuda-graphs: `off` decodes eagerly; `on` captures graphs or raises saying why it can't;
-    `auto` captures them where the model allows (CUDA, one process, the masked expert kernel).
-    The graphs serve batches of up to max_batch rows and max_len positions (their shared cache's size)."""
+    `auto` captures them where the model allows (CUDA, the masked expert kernel, a capturable dispatcher)
+    and the shared cache fits. The graphs serve batches of up to max_batch rows and max_len positions.
+    With an EP group the ranks decide together (all graphs or none) and capture together."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"--cuda-graphs {mode!r} is not one of {GRAPH_MODES}")
     if mode == "off":
         return None
+    why = None
     try:
         check_capturable(model)
         if mode == "auto" and cache_bytes(model, max_batch, max_len) > AUTO_CACHE_SHARE * torch.cuda.mem_get_info(model.embed.weight.device)[0]:
-            return None  # a long max_len: the graphs' fixed-size cache would crowd the GPU
-        return DecodeGraphs(model, max_len, max_batch)
-    except ValueError:
+            why = "the shared cache would take over a quarter of free GPU memory"
+    except ValueError as e:
+        why = str(e)
+    if group is not None and all_reduce_max(int(why is not None), group) and why is None:
+        why = "another expert-parallel rank cannot capture them"
+    if why is not None:
         if mode == "on":
-            raise
+            raise ValueError(why)
         return None
+    return DecodeGraphs(model, max_len, max_batch, group)
 
 
 def cache_bytes(model: Transformer, batch: int, max_len: int) -> int:

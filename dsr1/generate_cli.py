@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "deepgemm (if importable), else w8a16 (Triton, CUDA), else torch's block-scaled scaled_mm (Hopper), else dequant")
     model.add_argument("--max-seq-len", type=int, help="longest prompt + generation the model accepts; default max_position_embeddings")
     model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
-                       "where the run allows it (CUDA, one process, Triton), on (error if it can't), off")
+                       "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
 
     prompts = p.add_argument_group("prompts (default: the built-in prompt)")
     prompts.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
     longest = model.max_seq_len if args.interactive else max(map(len, prompt_ids)) + args.max_new_tokens
-    sampling["graphs"] = make_graphs(model, args.cuda_graphs, min(longest, model.max_seq_len), max(len(mine), 1))
+    sampling["graphs"] = make_graphs(model, args.cuda_graphs, min(longest, model.max_seq_len), max(len(mine), 1), group)
     if args.interactive:
         chat_loop(model, tokenizer, sampling)
         return

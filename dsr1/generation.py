@@ -48,8 +48,8 @@ def generate(
         return [[] for _ in prompts]
     lengths = [len(p) for p in prompts]
     max_len = max(lengths, default=1) + max_new_tokens
-    if graphs is not None and (graphs.bucket(b) is None or max_len > graphs.max_len or b == 0):
-        graphs = None  # too many rows or too long for the captured graphs: decode eagerly
+    if graphs is not None and not _all_fit(graphs.bucket(b) is not None and max_len <= graphs.max_len, group):
+        graphs = None  # too many rows or too long for the captured graphs (on some rank): decode eagerly
     cache = graphs.prepare(b) if graphs is not None else model.new_cache(b, max_len)
     gen = None if seed is None else torch.Generator(device).manual_seed(seed)
 
@@ -99,6 +99,12 @@ def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generato
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _all_fit(fits: bool, group) -> bool:
+    """Whether this rank's batch (with a group: every rank's) fits the CUDA graphs; ranks must agree, as a
+    graph step and an eager one make different collectives."""
+    return fits if group is None else not all_reduce_max(int(not fits), group)
 
 
 def _any_unfinished(done: list[bool], group) -> bool:

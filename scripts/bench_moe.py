@@ -29,7 +29,7 @@ from dsr1.config import ModelConfig
 from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.mlp import GroupedExperts
 from dsr1.model.moe import MoE
-from dsr1.parallel.dispatch import make_dispatcher
+from dsr1.parallel.dispatch import make_dispatcher, single_dispatch
 from dsr1.parallel.dist import init_distributed, log_rank0
 from dsr1.parallel.placement import expert_placement
 from dsr1.placement_report import DEFAULT_CONFIG
@@ -66,8 +66,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_layer(moe: MoE, x: torch.Tensor, iters: int, experts: bool) -> float:
-    """Mean µs per call on this rank; experts=False times route + dispatch + combine only."""
+def time_layer(moe: MoE, x: torch.Tensor, iters: int, experts: bool, graph: bool = False) -> float:
+    """Mean µs per call on this rank; experts=False times route + dispatch + combine only; graph=True
+    replays the calls from a CUDA graph (what decode does; the dispatcher must be capturable)."""
     d = moe.dispatcher
 
     outputs = {}  # experts=False: a stand-in for the expert outputs, made once (an FP8 receive can't be combined)
@@ -82,11 +83,17 @@ def time_layer(moe: MoE, x: torch.Tensor, iters: int, experts: bool) -> float:
 
     for _ in range(3):
         step()
+    run = step
+    if graph:
+        cuda_graph = torch.cuda.CUDAGraph()
+        with single_dispatch(d), torch.cuda.graph(cuda_graph):
+            step()
+        run = cuda_graph.replay
     synchronize(x.device)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(iters):
-        step()
+        run()
     synchronize(x.device)
     return (time.perf_counter() - start) * 1e6 / iters
 
@@ -110,6 +117,7 @@ def main() -> None:
     p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = uniform routing")
     p.add_argument("--experts", nargs="+", default=["auto"], choices=GroupedExperts.IMPLS, help="GroupedExperts.impl to time (auto: masked on CUDA)")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--cuda-graph", action="store_true", help="replay capturable dispatchers' layers (deepep_ll) from a CUDA graph, as decode does")
     p.add_argument("--json", help="write the rows here (rank 0)")
     args = p.parse_args()
 
@@ -133,16 +141,18 @@ def main() -> None:
                 x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(rank))
                 with torch.inference_mode():
                     received = torch.tensor([received_rows(moe, x)], device=device)
-                    times = torch.tensor([time_layer(moe, x, args.iters, True), time_layer(moe, x, args.iters, False)], device=device)
+                    graph = args.cuda_graph and dispatcher.capturable
+                    times = torch.tensor([time_layer(moe, x, args.iters, True, graph), time_layer(moe, x, args.iters, False, graph)], device=device)
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
                 dist.all_reduce(received, op=dist.ReduceOp.MAX)
-                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "weights": weights, "skew": skew, "experts": moe.experts.resolve_impl(x),
+                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "weights": weights, "skew": skew, "experts": moe.experts.resolve_impl(x), "cuda_graph": graph,
                              "placement": strategy, "tokens": tokens, "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(),
                              "max_rank_rows": int(received)})
             del moe, dispatcher
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    log_rank0(f"EP={world}, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}; slowest rank, mean of {args.iters}")
+    replayed = "; deepep_ll layers replayed from a CUDA graph, torch's eager" if args.cuda_graph else "; eager"
+    log_rank0(f"EP={world}, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}; slowest rank, mean of {args.iters}{replayed}")
     keys = ("all2all", "fp8_dispatch", "weights", "skew", "experts", "tokens")
     log_rank0(f"{'all2all':<10} {'fp8':<4} {'weights':<7} {'skew':>5} {'experts':<8} {'tokens':>6} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} "
               f"{'max rows':>9} {'vs linear':>10} {'torch / this':>12}")

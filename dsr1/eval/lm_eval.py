@@ -87,7 +87,7 @@ class DSR1LM(TemplateLM):
         load_kwargs = dict(device=self._device, dtype=DTYPES[dtype], fp8=fp8, attn_impl=attn_impl, max_seq_len=self._max_length, progress=is_rank0())
         # Under torchrun (ep > 1) every rank runs this, then the same requests in lockstep.
         self.model, self.group = load_ep_model(ckpt_path, int(ep), expert_placement, all2all, **load_kwargs)
-        self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size)
+        self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size, self.group)
 
     # -- what lm-eval reads -------------------------------------------------------------------------
 

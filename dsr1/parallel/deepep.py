@@ -81,7 +81,10 @@ class DeepEPLowLatencyDispatcher:
     w8a16 kernel reads it directly, other paths dequantize it). Rows of an expert arrive grouped by source rank, in
     an order that varies from run to run. The Buffer is set up over `group` (None: the default group);
     vLLM passes a gloo group there (dsr1.parallel.dist.new_cpu_group), and chunks() reduces over it too.
+    The LL kernels need no host sync, so decode steps can be captured in CUDA graphs (dsr1/decode_graphs.py).
     """
+
+    capturable = True
 
     def __init__(
         self, placement: Placement, group: ProcessGroup | None, max_tokens_per_rank: int, hidden: int, fp8_dispatch: bool = False
@@ -91,7 +94,7 @@ class DeepEPLowLatencyDispatcher:
         group = dist.group.WORLD if group is None else group
         check_group(placement, group)
         self.placement = placement.to(torch.device("cuda", torch.cuda.current_device()))
-        self.group, self.max_tokens, self.fp8_dispatch = group, max_tokens_per_rank, fp8_dispatch
+        self.group, self.max_tokens, self.fp8_dispatch, self.one_chunk = group, max_tokens_per_rank, fp8_dispatch, False
         self.n_local_experts = placement.n_local
         self.local_expert_ids = placement.local_expert_global_ids.tolist()
         n_experts, ep_size = placement.n_experts, placement.ep_size
@@ -99,7 +102,7 @@ class DeepEPLowLatencyDispatcher:
         self.buffer = _low_latency_buffer(deep_ep, group, rdma_bytes, n_experts // ep_size)
 
     def chunks(self, n_tokens: int) -> list[tuple[int, int]]:
-        return ep_chunks(n_tokens, self.max_tokens, self.group)
+        return ep_chunks(n_tokens, self.max_tokens, self.group, self.one_chunk)
 
     def dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Any]:
         check_chunk(x.shape[0], self.max_tokens)

@@ -13,7 +13,8 @@ p (token, expert) pairs sent, q rows received
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,9 @@ ALL2ALL = ("local", "torch", "deepep_ll")
 class Dispatcher(Protocol):
     n_local_experts: int
     local_expert_ids: list[int]  # global id of the expert in each local slot
+    max_tokens: int  # tokens per rank per dispatch
+    one_chunk: bool  # see single_dispatch
+    capturable: bool  # dispatch and combine run without host syncs (a CUDA graph can hold them)
 
     def chunks(self, n_tokens: int) -> list[tuple[int, int]]:
         """Token ranges [start, end) to dispatch one at a time; every EP rank gets the same count."""
@@ -79,10 +83,27 @@ def weighted_sum(rows: Tensor, pair: Tensor, weights: Tensor, dtype: torch.dtype
     return out.to(dtype)
 
 
-def ep_chunks(n_tokens: int, max_tokens: int, group: ProcessGroup | None) -> list[tuple[int, int]]:
+def ep_chunks(n_tokens: int, max_tokens: int, group: ProcessGroup | None, one_chunk: bool = False) -> list[tuple[int, int]]:
     """chunks() for an EP group: as many ranges as the busiest rank needs, so every rank (an idle one
-    included, with empty ranges) joins the same number of dispatch/combine collectives."""
+    included, with empty ranges) joins the same number of dispatch/combine collectives. With one_chunk
+    (set by `single_dispatch`) every rank has promised at most max_tokens, so no all-reduce is needed."""
+    if one_chunk:
+        check_chunk(n_tokens, max_tokens)
+        return [(0, n_tokens)]
     return token_ranges(n_tokens, all_reduce_max(-(-n_tokens // max_tokens), group), max_tokens)
+
+
+@contextmanager
+def single_dispatch(dispatcher: Dispatcher) -> Iterator[None]:
+    """Within this block every EP rank runs forwards of at most max_tokens tokens, so each MoE layer makes
+    exactly one dispatch and chunks() skips its all-reduce: a collective read back on the host, which a
+    CUDA graph cannot hold. Decode graphs are captured in it (dsr1/decode_graphs.py)."""
+    before = dispatcher.one_chunk
+    dispatcher.one_chunk = True
+    try:
+        yield
+    finally:
+        dispatcher.one_chunk = before
 
 
 def check_group(placement: Placement, group: ProcessGroup | None) -> None:
@@ -104,10 +125,13 @@ def check_chunk(n_tokens: int, max_tokens: int) -> None:
 class LocalDispatcher:
     """One process holds every expert: dispatch is a sort by expert, combine a weighted scatter-add."""
 
+    capturable = True
+
     def __init__(self, n_experts: int, max_tokens: int = 128):
         self.n_local_experts = n_experts
         self.local_expert_ids = list(range(n_experts))
         self.max_tokens = max_tokens
+        self.one_chunk = False  # unused: chunks() needs no collective here
 
     def chunks(self, n_tokens: int) -> list[tuple[int, int]]:
         return token_ranges(n_tokens, -(-n_tokens // self.max_tokens), self.max_tokens)
@@ -150,15 +174,17 @@ class TorchDispatcher:
     DeepEP does. Reading the split sizes costs a host sync per dispatch: a reference path, not for CUDA graphs.
     """
 
+    capturable = False
+
     def __init__(self, placement: Placement, group: ProcessGroup | None = None, max_tokens_per_rank: int = 128):
         check_group(placement, group)
         self.placement = placement.to(collective_device(group))
-        self.group, self.max_tokens = group, max_tokens_per_rank
+        self.group, self.max_tokens, self.one_chunk = group, max_tokens_per_rank, False
         self.n_local_experts = placement.n_local
         self.local_expert_ids = placement.local_expert_global_ids.tolist()
 
     def chunks(self, n_tokens: int) -> list[tuple[int, int]]:
-        return ep_chunks(n_tokens, self.max_tokens, self.group)
+        return ep_chunks(n_tokens, self.max_tokens, self.group, self.one_chunk)
 
     def dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Any]:
         n, k = expert_ids.shape

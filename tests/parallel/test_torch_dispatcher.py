@@ -125,3 +125,17 @@ def test_combine_is_the_weighted_sum(world):
             want = (y * (w * (ids >= 0)).unsqueeze(-1)).sum(1).to(case.dtype)
             assert r["out"].dtype == case.dtype
             torch.testing.assert_close(r["out"], want)
+
+
+def test_single_dispatch_needs_no_all_reduce_and_holds_the_promise():
+    """Under single_dispatch (CUDA-graph capture) chunks() is one range without a collective (no group
+    exists here: an all-reduce would fail), and a forward past max_tokens is refused, not split."""
+    from dsr1.parallel.dispatch import LocalDispatcher, ep_chunks, single_dispatch
+
+    assert ep_chunks(5, 8, None, one_chunk=True) == [(0, 5)] and ep_chunks(0, 8, None, one_chunk=True) == [(0, 0)]
+    with pytest.raises(ValueError, match="dispatch got 9 tokens, more than max_tokens_per_rank=8"):
+        ep_chunks(9, 8, None, one_chunk=True)
+    d = LocalDispatcher(4, max_tokens=8)
+    with single_dispatch(d):
+        assert d.one_chunk
+    assert not d.one_chunk
