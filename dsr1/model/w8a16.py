@@ -4,9 +4,10 @@ One kernel computes x @ W.T for a dense layer and for a stack of experts on Deep
 (x [e, M, K] with only rows [0, counts[j]) of expert j valid). Each weight tile is loaded as e4m3,
 multiplied by its 128x128 block scale in fp32 and rounded to bf16: exactly the weight `dequantize` makes,
 so the product is the `dequant` backend's up to fp32 summation order, while the weight crosses memory
-once, at one byte per value. Experts with no rows, and row tiles past an
-expert's count, exit before loading anything: a decode step reads only the experts it routed to, with
-no host sync (the counts stay on the device), so the step can be captured in a CUDA graph.
+once, at one byte per value. Experts with no rows, and row tiles past an expert's count, exit before
+loading anything: a decode step reads only the experts it routed to, with no host sync (the counts stay
+on the device), so the step can be captured in a CUDA graph. FP8 activations (FP8Rows, from DeepEP's
+FP8 dispatch) are dequantized tile by tile inside the kernel.
 
 Used when Triton imports, the tensors are on a CUDA device and the activations are bf16 (R1's run dtype);
 TRITON_INTERPRET=1 runs the same kernel on CPU tensors (the tests do). Run-dtype (bf16) weights take the
@@ -106,6 +107,8 @@ def grouped_linear(
     n = weight.shape[1]
     cfg = {**launch_config(m, k, counts is not None), **(config or {})}
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], BLOCK
+    if BLOCK % block_n:
+        raise ValueError(f"BLOCK_N={block_n} must divide the scale block {BLOCK}: a weight tile must sit in one scale block")
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     k_splits = 1
     if counts is None and e == 1:  # a dense product with few N tiles: split K so the GPU has enough programs
