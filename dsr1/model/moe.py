@@ -27,15 +27,11 @@ class MoE(nn.Module):
         """x: [b, s, m] -> [b, s, m]."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [n, m]
+        weights, expert_ids = self.gate(x)  # [n, k] fp32, [n, k] global ids
         y = torch.empty_like(x)
         for start, end in self.dispatcher.chunks(x.shape[0]):
-            y[start:end] = self.routed(x[start:end])
+            recv_x, counts, handle = self.dispatcher.dispatch(x[start:end], expert_ids[start:end], weights[start:end])
+            y[start:end] = self.dispatcher.combine(self.experts(recv_x, counts), handle)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
-
-    def routed(self, x: Tensor) -> Tensor:
-        """The routed experts' weighted sum for x [n, m] (n <= the dispatcher's max_tokens): one dispatch."""
-        weights, expert_ids = self.gate(x)  # [n, k] fp32, [n, k] global ids
-        recv_x, counts, handle = self.dispatcher.dispatch(x, expert_ids, weights)
-        return self.dispatcher.combine(self.experts(recv_x, counts), handle)
