@@ -126,13 +126,17 @@ class DeepGemm(_QuantizedActivations):
 
 
 class W8A16:
-    """Weight-only FP8: the Triton kernel of dsr1/model/w8a16.py on bf16 activations, dequant otherwise."""
+    """Weight-only FP8: the Triton kernel of dsr1/model/w8a16.py on bf16 activations, dequant otherwise.
+
+    Past w8a16.DENSE_MAX_ROWS rows a product is compute-bound, and cuBLAS on the dequantized weight (the
+    same bf16 weight, so the same function) is faster than the kernel (bench_fp8_gemm.py on H200: 1.7 vs
+    2.6 ms for o_proj at 2048 rows; 0.11 vs 1.2 ms the other way at 1 row)."""
 
     name = "w8a16"
     keeps_dense = True  # MLA's wkv_b, used outside a matmul, is dequantized once and kept
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-        if not w8a16.available(x.device, x.dtype):
+        if not w8a16.available(x.device, x.dtype) or x.numel() > w8a16.DENSE_MAX_ROWS * x.shape[-1]:
             return DEQUANT.linear(x, weight, scale)
         return w8a16.linear(x, weight, scale)
 

@@ -23,7 +23,7 @@ import os
 import torch
 from torch import Tensor
 
-from dsr1.checkpoint.fp8 import BLOCK, dequantize
+from dsr1.checkpoint.fp8 import BLOCK
 from dsr1.parallel.fp8_rows import FP8Rows
 
 try:
@@ -33,7 +33,7 @@ except ImportError:  # CPU-only installs: the dequant path computes the same fun
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DENSE_MAX_ROWS = 256  # dense products with more rows go through cuBLAS on the dequantized weight
+DENSE_MAX_ROWS = 256  # the W8A16 backend sends dense products with more rows to dequant (dsr1/model/fp8_gemm.py)
 TARGET_PROGRAMS = 264  # two waves on H100/H200's 132 SMs: below that a dense decode matmul splits K
 
 
@@ -154,16 +154,10 @@ def _out_strides(out: Tensor) -> tuple[int, ...]:
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    """x [..., K] bf16 @ weight [N, K].T (e4m3 with scale [ceil(N/128), ceil(K/128)], or bf16) -> [..., N].
-
-    Past DENSE_MAX_ROWS rows the product is compute-bound and cuBLAS on the dequantized weight (the same
-    bf16 weight, so the same function) is faster than this kernel (bench_fp8_gemm.py on H200: 1.7 vs 2.6 ms
-    for o_proj at 2048 rows, 0.11 vs 1.2 ms the other way at 1 row)."""
+    """x [..., K] bf16 @ weight [N, K].T (e4m3 with scale [ceil(N/128), ceil(K/128)], or bf16) -> [..., N]."""
     n, k = weight.shape
     rows = x.reshape(1, -1, k)  # [1, M, K]
     if rows.shape[1] == 0:  # an idle expert-parallel rank's empty batch
         return x.new_zeros(*x.shape[:-1], n)
-    if rows.shape[1] > DENSE_MAX_ROWS and scale is not None:
-        return torch.nn.functional.linear(x, dequantize(weight, scale, x.dtype))
     out = grouped_linear(rows, weight.unsqueeze(0), None if scale is None else scale.unsqueeze(0))
     return out.view(*x.shape[:-1], n)
