@@ -25,6 +25,8 @@ DENSE = {"q_b": (24576, 1536), "o": (7168, 16384), "dense_up": (18432, 7168), "d
 EXPERTS = {"expert_up": (2048, 7168), "expert_down": (7168, 2048)}
 CONFIGS = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
            for bm, bn, w, st in itertools.product((16, 32), (32, 64, 128), (4, 8), (3, 5))]
+ROW_CONFIGS = [{"BLOCK_M": 1, "BLOCK_N": bn, "num_warps": w, "num_stages": st, **split}
+               for bn, w, st, split in itertools.product((16, 32, 64), (4, 8), (1, 3), ({}, {"SPLIT_K": 1}, {"SPLIT_K": 2}, {"SPLIT_K": 4}, {"SPLIT_K": 8}))]
 
 
 def graph_time(timer: Timer, fn, calls: int = 20) -> float:
@@ -53,7 +55,7 @@ def main() -> None:
         s = torch.rand(-(-n // BLOCK), -(-k // BLOCK), generator=gen, device=device)
         for m in (1, 64):
             x = torch.randn(1, m, k, generator=gen, device=device, dtype=torch.bfloat16)
-            cases.append((f"{name} m={m}", w.nbytes, lambda c, x=x, w=w, s=s: w8a16.grouped_linear(x, w[None], s[None], config=c)))
+            cases.append((f"{name} m={m}", w.nbytes, m, lambda c, x=x, w=w, s=s: w8a16.grouped_linear(x, w[None], s[None], config=c)))
     for name, (n, k) in EXPERTS.items():
         w = torch.randn(256, n, k, generator=gen, device=device, dtype=torch.bfloat16).to(FP8_DTYPE)
         s = torch.rand(256, -(-n // BLOCK), -(-k // BLOCK), generator=gen, device=device)
@@ -62,13 +64,14 @@ def main() -> None:
             counts = torch.zeros(256, dtype=torch.int32, device=device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
             x = torch.randn(256, tokens, k, generator=gen, device=device, dtype=torch.bfloat16)
             active = int((counts > 0).sum())
-            cases.append((f"{name} tokens={tokens} ({active} experts)", w[0].nbytes * active,
+            cases.append((f"{name} tokens={tokens} ({active} experts)", w[0].nbytes * active, tokens,
                           lambda c, x=x, w=w, s=s, counts=counts: w8a16.grouped_linear(x, w, s, counts, config=c)))
     rows = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    for label, nbytes, fn in cases:
+    for label, nbytes, m, fn in cases:
         default = graph_time(timer, lambda: fn(None))
-        best = min(((graph_time(timer, lambda c=c: fn(c)), c) for c in CONFIGS), key=lambda t: t[0])
+        configs = CONFIGS + (ROW_CONFIGS if m == 1 else [])
+        best = min(((graph_time(timer, lambda c=c: fn(c)), c) for c in configs), key=lambda t: t[0])
         rows.append({"case": label, "bytes": nbytes, "default_us": 1e6 * default, "best_us": 1e6 * best[0], "best_config": best[1],
                      "default_of_bw": nbytes / default / bw, "best_of_bw": nbytes / best[0] / bw})
         r = rows[-1]

@@ -1,13 +1,16 @@
 """Weight-only FP8 matmuls (W8A16) in Triton: FP8 weights read as FP8, activations kept in bf16.
 
 One kernel computes x @ W.T for a dense layer and for a stack of experts on DeepEP's low-latency layout
-(x [e, M, K] with only rows [0, counts[j]) of expert j valid). Each weight tile is loaded as e4m3,
-multiplied by its 128x128 block scale in fp32 and rounded to bf16: exactly the weight `dequantize` makes,
-so the product is the `dequant` backend's up to fp32 summation order, while the weight crosses memory
-once, at one byte per value. Experts with no rows, and row tiles past an expert's count, exit before
-loading anything: a decode step reads only the experts it routed to, with no host sync (the counts stay
-on the device), so the step can be captured in a CUDA graph. FP8 activations (FP8Rows, from DeepEP's
-FP8 dispatch) are dequantized tile by tile inside the kernel.
+(x [e, M, K] with only rows [0, counts[j]) of expert j valid). Weights cross memory once, at one byte per
+value, and are multiplied exactly: e4m3 -> bf16 is exact, each 128-wide K block's products are summed in
+fp32 and that partial sum is multiplied by the block's scale. (`dequantize` first rounds fp8 * scale to
+bf16, 2^-9 relative per weight, so the two paths differ by bf16 rounding.) One row (M = 1, a batch-1
+decode step) is a matrix-vector product in fp32 FMAs, which streams the weight faster than tensor cores
+fed through shared memory; more rows use tl.dot. Experts with no rows, and row tiles past an expert's
+count, exit before loading anything: a decode step reads only the experts it routed to, with no host sync
+(the counts stay on the device), so the step can be captured in a CUDA graph. FP8 activations (FP8Rows,
+from DeepEP's FP8 dispatch) are dequantized tile by tile inside the kernel, bit for bit as
+FP8Rows.dequantize.
 
 Used when Triton imports, the tensors are on a CUDA device and the activations are bf16 (R1's run dtype);
 TRITON_INTERPRET=1 runs the same kernel on CPU tensors (the tests do). Run-dtype (bf16) weights take the
@@ -35,6 +38,7 @@ except ImportError:  # CPU-only installs: the dequant path computes the same fun
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DENSE_MAX_ROWS = 256  # the W8A16 backend sends dense products with more rows to dequant (dsr1/model/fp8_gemm.py)
 TARGET_PROGRAMS = 264  # two waves on H100/H200's 132 SMs: below that a dense decode matmul splits K
+MATVEC_PROGRAMS = 1056  # a matrix-vector product's programs each stream less: eight per SM
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -64,6 +68,7 @@ if triton is not None:
             x_ptrs = x_ptr + e * sxe + offs_m[:, None] * sxm + offs_k[None, :] * sxk  # [BM, BK]
             w_ptrs = w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk  # [BN, BK]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_nk = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # one row: products summed along K at the end
             k_start = split * k_per_split
             for i in range(0, k_per_split, BLOCK_K):  # the last split's tail past K is masked off
                 k = k_start + i
@@ -75,14 +80,17 @@ if triton is not None:
                     x = x.to(tl.float32) * x_scale[:, None]
                     x = _round_to_bf16(x) if INTERPRETED else x.to(tl.bfloat16)
                 w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                scale = 1.0
                 if HAS_SCALE:  # the tile lies in one 128x128 scale block (BLOCK_K = 128, BLOCK_N divides 128)
                     scale = tl.load(s_ptr + e * sse + (pid_n * BLOCK_N // SCALE_BLOCK) * ssn + (k // SCALE_BLOCK) * ssk, mask=k < K, other=0.0)
-                    w = w.to(tl.float32) * scale  # rounded to bf16 below: exactly dequantize()'s weight
-                if INTERPRETED:  # the interpreter's fp32 -> bf16 cast truncates and its bf16 dot is wrong
-                    w = _round_to_bf16(w.to(tl.float32)).to(tl.float32)
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w))  # bf16 products are exact in fp32
-                else:
-                    acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))  # [BM, BN] fp32; the cast rounds to nearest even
+                if BLOCK_M == 1:  # one row: a matrix-vector product in fp32 FMAs, no tensor cores, no shared-memory round trip
+                    acc_nk += w.to(tl.float32) * (x.to(tl.float32) * scale)  # [BN, BK] * [1, BK]
+                elif INTERPRETED:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32))) * scale
+                else:  # e4m3 -> bf16 is exact; the block scale multiplies the block's fp32 partial sum
+                    acc += tl.dot(x, tl.trans(w.to(tl.bfloat16))) * scale  # [BM, BN] fp32
+            if BLOCK_M == 1:
+                acc += tl.sum(acc_nk, axis=1)[None, :]
             out_ptrs = out_ptr + split * sos + e * soe + offs_m[:, None] * som + offs_n[None, :] * son
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -110,9 +118,7 @@ def grouped_linear(
     if BLOCK % block_n:
         raise ValueError(f"BLOCK_N={block_n} must divide the scale block {BLOCK}: a weight tile must sit in one scale block")
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
-    k_splits = 1
-    if counts is None and e == 1:  # a dense product with few N tiles: split K so the GPU has enough programs
-        k_splits = max(1, min(triton.cdiv(k, block_k), TARGET_PROGRAMS // n_tiles))  # not by M: rows stay batch-invariant
+    k_splits = min(cfg.get("SPLIT_K") or default_k_splits(m, n_tiles, counts is not None), triton.cdiv(k, block_k))
     k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
     k_splits = triton.cdiv(k, k_per_split)
     # Split-K partial sums stay fp32 until summed; so does the interpreter's output (its fp32 -> bf16 cast truncates).
@@ -139,13 +145,22 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
 def launch_config(m: int, k: int, grouped: bool) -> dict:
     """Tile sizes and launch settings for M rows of K features (per expert when grouped: the counts stay on
     the device, so a grouped call is tiled for the few rows a decode step routes to each expert). From
-    scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): wide N tiles for the experts and the long-K dense
-    products, deeper pipelines for those at one row."""
-    if grouped and m <= 16 and k >= 4096:  # a batch-1 step's few experts with long rows: more loads in flight
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 5}
+    scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): one row is a matrix-vector product (BLOCK_M 1);
+    wide N tiles for the experts and the long-K dense products. A "SPLIT_K" key overrides default_k_splits."""
+    if m == 1:
+        return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
     wide = grouped or k >= 16384 or m > 64
-    return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 5 if k >= 16384 and m <= 16 else 3}
+    return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 3}
+
+
+def default_k_splits(m: int, n_tiles: int, grouped: bool) -> int:
+    """K splits of a dense product with few N tiles, so the GPU has enough programs; by N (and whether M is
+    one row) only, so a row's result does not depend on how many rows share its call. A grouped call's
+    active experts are known on the device only: no split."""
+    if grouped:
+        return 1
+    return max(1, (MATVEC_PROGRAMS if m == 1 else TARGET_PROGRAMS) // n_tiles)
 
 
 def _out_strides(out: Tensor) -> tuple[int, ...]:
