@@ -26,3 +26,15 @@ def test_bench_smoke(tmp_path):
     assert "error" not in r["hf"], r["hf"].get("traceback")
     assert r["hf"]["check_vs_dsr1"]["rel_err"] < 1e-4 and r["hf"]["check_vs_dsr1"]["greedy_agree"] == 1.0
     assert len(r["hf"]["decode"]) == 2
+
+
+def test_bench_load_smoke(tmp_path):
+    """--load-only writes a checkpoint and reports the loader's rate next to the disk's and plain safetensors'."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts/bench.py"), "--smoke", "--load-only", "--load-dir", str(tmp_path / "ckpt"), "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cold load (page cache emptied by " in run.stdout
+    ld = json.loads(out.read_text())["load"]
+    assert ld["bytes"] > 0 and ld["evicted_by"] in ("drop_caches", "fadvise")
+    assert min(ld["gb_per_s"], ld["disk_gb_per_s"], ld["safetensors_gb_per_s"]) > 0

@@ -3,27 +3,26 @@
 Shard names come from `model.safetensors.index.json` (or the directory holds one `model.safetensors`);
 other files are ignored. Before any memory is allocated for weights, the index is checked against the
 config (every tensor present, nothing unknown but the MTP layers) and each tensor this process reads
-is checked for shape and dtype in its shard's header. Shards are then read one after another,
-memory-mapped, each tensor copied straight into its parameter on the target device, and each shard is
-closed after its last tensor: host memory holds the model plus one mapped shard, never a state dict.
-An expert-parallel rank reads the replicated tensors and its own routed experts only; shards holding
-none of them are never opened.
+is checked for shape and dtype in its shard's header. The bytes are then read straight into the
+parameters (dsr1/checkpoint/reader.py: parallel reads, through pinned buffers to a GPU), never into a
+state dict; tensors that change dtype on the way (FP8 weights dequantized at load, bf16 into an fp32
+model) are read into temporaries a batch at a time and converted. An expert-parallel rank reads the
+replicated tensors and its own routed experts only; shards holding none of them are never opened.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors, routed_expert_id
+from dsr1.checkpoint.reader import Read, Reader, TensorEntry, read_header
 from dsr1.config import ModelConfig
 from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.transformer import Transformer
@@ -31,7 +30,7 @@ from dsr1.parallel.dispatch import Dispatcher
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": FP8_DTYPE}
+CONVERT_BATCH = 1 << 30  # bytes read into temporaries before they are converted into the parameters
 
 
 @dataclass
@@ -72,12 +71,12 @@ class Checkpoint:
             raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
         self.config = ModelConfig.from_file(self.path / "config.json")
         self.weight_map: dict[str, str] = {}  # tensor name -> shard file name
+        self._headers: dict[str, dict[str, TensorEntry]] = {}  # shard file name -> its tensors
         index = self.path / INDEX_FILE
         if index.is_file():
             self.weight_map = _read_index(index)
         elif (self.path / SINGLE_FILE).is_file():
-            with self._open(SINGLE_FILE) as f:
-                self.weight_map = {name: SINGLE_FILE for name in f.keys()}
+            self.weight_map = {name: SINGLE_FILE for name in self.header(SINGLE_FILE)}
         else:
             raise FileNotFoundError(f"{self.path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
         self.shards = sorted(set(self.weight_map.values()))
@@ -85,30 +84,25 @@ class Checkpoint:
         absent = [s for s in self.shards if not (self.path / s).is_file()]
         if absent:
             raise FileNotFoundError(f"{len(absent)} shard files listed in {index} are missing: " + "; ".join(map(self._describe_shard, absent[:5])))
-        self._handles: dict[str, object] = {}
-        self.opened: set[str] = set()  # every shard opened so far
         self.tensors_read = self.bytes_read = 0
 
     @property
     def is_fp8(self) -> bool:
         return self.config.quant is not None
 
-    def shard(self, filename: str):
-        """The open (memory-mapped) shard `filename`."""
-        if filename not in self._handles:
-            self._handles[filename] = self._open(filename)
-            self.opened.add(filename)
-        return self._handles[filename]
+    @property
+    def opened(self) -> set[str]:
+        """The shards whose headers were read so far."""
+        return set(self._headers)
 
-    def close(self, filename: str) -> None:
-        """Unmap a shard, so its pages leave this process's memory."""
-        self._handles.pop(filename, None)
-
-    def _open(self, filename: str):
-        try:
-            return safe_open(str(self.path / filename), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error type for bad headers and sizes
-            raise ValueError(f"{self._describe_shard(filename)} is truncated or corrupt: {e}") from e
+    def header(self, filename: str) -> dict[str, TensorEntry]:
+        """The tensors of shard `filename` (its header, read and checked once)."""
+        if filename not in self._headers:
+            try:
+                self._headers[filename] = read_header(self.path / filename)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self._describe_shard(filename)} is truncated or corrupt: {e}") from e
+        return self._headers[filename]
 
     def _describe_shard(self, filename: str) -> str:
         names = [n for n, f in self.weight_map.items() if f == filename]
@@ -122,18 +116,20 @@ class Checkpoint:
         have the right shape and dtype. Only the shards holding `specs` are opened (headers only)."""
         self.check_names(load_mtp, {s.expert_id for s in specs if s.expert_id is not None}, rank)
         for spec in specs:
-            filename = self.weight_map[spec.hf_name]
-            f = self.shard(filename)
-            try:
-                view = f.get_slice(spec.hf_name)
-            except Exception as e:
-                raise ValueError(f"rank {rank}: tensor {spec.hf_name} is listed in {INDEX_FILE} for shard {filename}, which does not hold it ({e})") from e
-            shape, dtype = tuple(view.get_shape()), SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype())
-            if shape != spec.shape or dtype != spec.dtype:
+            entry = self.entry(spec, rank)
+            if entry.shape != spec.shape or entry.dtype != spec.dtype:
                 raise ValueError(
-                    f"rank {rank}: tensor {spec.hf_name} in shard {filename}: expected shape {list(spec.shape)} dtype {spec.dtype}, "
-                    f"found shape {list(shape)} dtype {dtype}"
+                    f"rank {rank}: tensor {spec.hf_name} in shard {self.weight_map[spec.hf_name]}: expected shape {list(spec.shape)} "
+                    f"dtype {spec.dtype}, found shape {list(entry.shape)} dtype {entry.dtype}"
                 )
+
+    def entry(self, spec: TensorSpec, rank: int = 0) -> TensorEntry:
+        """Where `spec`'s tensor lies in its shard."""
+        filename = self.weight_map[spec.hf_name]
+        entry = self.header(filename).get(spec.hf_name)
+        if entry is None:
+            raise ValueError(f"rank {rank}: tensor {spec.hf_name} is listed in {INDEX_FILE} for shard {filename}, which does not hold it")
+        return entry
 
     def check_names(self, load_mtp: bool, local_expert_ids: set[int], rank: int) -> None:
         """The index (names only) holds every tensor of every expert the config implies, and no tensor
@@ -160,15 +156,12 @@ class Checkpoint:
             lines.append("  the checkpoint holds FP8 block scales (weight_scale_inv), but config.json has no quantization_config")
         raise ValueError("\n".join(lines))
 
-    def read(self, spec: TensorSpec) -> torch.Tensor:
-        filename = self.weight_map[spec.hf_name]
-        try:
-            tensor = self.shard(filename).get_tensor(spec.hf_name)
-        except Exception as e:
-            raise ValueError(f"could not read tensor {spec.hf_name} from shard {self.path / filename}: {e}") from e
+    def read_into(self, spec: TensorSpec, dest: torch.Tensor) -> Read:
+        """The read that fills `dest` (a contiguous tensor of the spec's dtype and shape) with `spec`'s bytes."""
+        entry = self.entry(spec)
         self.tensors_read += 1
-        self.bytes_read += tensor.nbytes
-        return tensor
+        self.bytes_read += entry.end - entry.start
+        return Read(self.path / self.weight_map[spec.hf_name], entry.start, dest.view(-1).view(torch.uint8), spec.hf_name)
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -266,27 +259,39 @@ def load_model(
 
 
 def copy_weights(ckpt: Checkpoint, specs: list[TensorSpec], model: Transformer, fp8: bool, progress: bool) -> None:
-    """Copy every spec into `model`, shard after shard, closing each shard after its last tensor."""
+    """Read every spec into `model`: straight into its parameter where the dtype is kept, else into a
+    temporary that is converted (FP8 weight + scale dequantized, or cast), a batch of them at a time."""
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     if fp8:
         groups = [[s] for s in specs]
     else:  # dequantizing here: each FP8 weight is read with its scale, which may sit in another shard
         by_name = {s.hf_name: s for s in specs}
         groups = [[s, by_name[s.scale_name]] if s.dtype == FP8_DTYPE else [s] for s in specs if not s.is_scale]
-    groups.sort(key=lambda g: ckpt.weight_map[g[0].hf_name])  # stable: file order within a shard
-    reads_left = Counter(ckpt.weight_map[s.hf_name] for s in specs)
+    kept = [len(g) == 1 and _target(model, g[0]).dtype == g[0].dtype for g in groups]
+    direct = [g for g, k in zip(groups, kept) if k]
+    converted = [g for g, k in zip(groups, kept) if not k]
     bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"loading {ckpt.path.name}", disable=not progress)
-    for group in groups:
-        tensors = [ckpt.read(s).to(device) for s in group]
-        for s in group:
-            filename = ckpt.weight_map[s.hf_name]
-            reads_left[filename] -= 1
-            if not reads_left[filename]:
-                ckpt.close(filename)
-            bar.update(s.nbytes)
-        value = tensors[0] if len(group) == 1 else dequantize(tensors[0], tensors[1], dtype)
-        _target(model, group[0]).copy_(value)
+    with Reader(device) as reader:
+        reader.read([ckpt.read_into(g[0], _target(model, g[0])) for g in direct], bar.update)
+        for batch in _batches(converted, CONVERT_BATCH):
+            temps = [[torch.empty(s.shape, dtype=s.dtype, device=device) for s in g] for g in batch]
+            reader.read([ckpt.read_into(s, t) for g, ts in zip(batch, temps) for s, t in zip(g, ts)], bar.update)
+            for g, ts in zip(batch, temps):
+                _target(model, g[0]).copy_(ts[0] if len(g) == 1 else dequantize(ts[0], ts[1], dtype))
     bar.close()
+
+
+def _batches(groups: list[list[TensorSpec]], limit: int) -> list[list[list[TensorSpec]]]:
+    """Consecutive groups, at most `limit` bytes per batch (a larger group alone)."""
+    batches, size = [[]], 0
+    for g in groups:
+        n = sum(s.nbytes for s in g)
+        if batches[-1] and size + n > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(g)
+        size += n
+    return batches
 
 
 def _target(model: Transformer, spec: TensorSpec) -> torch.Tensor:

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from dsr1.config import ModelConfig
 from dsr1.model.attention import MLA
-from dsr1.model.linear import Linear
 from dsr1.model.mlp import MLP
 from dsr1.model.moe import MoE
 from dsr1.model.norm import RMSNorm

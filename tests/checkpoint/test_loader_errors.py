@@ -3,7 +3,9 @@ and the shard (and, for routed experts, the expert and the rank)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from types import SimpleNamespace
 
@@ -12,6 +14,7 @@ import torch
 
 import dsr1.checkpoint.loader as loader
 from dsr1 import load_model
+from dsr1.checkpoint.reader import read_header
 
 KV_B = "model.layers.2.self_attn.kv_b_proj.weight"
 NORM = "model.layers.2.self_attn.kv_a_layernorm.weight"
@@ -153,31 +156,21 @@ def test_dispatcher_experts_outside_the_config(small_checkpoint):
         load(small_checkpoint(), dispatcher=holding([3, 16]), rank=3)
 
 
-class FailingReads:
-    """safe_open whose get_tensor fails for one tensor, as a disk error mid-load would."""
+def test_a_failure_while_reading_raises(small_checkpoint, monkeypatch):
+    """A disk error mid-load names the shard, the byte range and the tensors in it; no model is returned."""
+    path = small_checkpoint()
+    shard = (path / json.loads((path / loader.INDEX_FILE).read_text())["weight_map"][KV_B]).resolve()
+    entry = read_header(shard)[KV_B]
+    preadv = os.preadv
 
-    def __init__(self, name: str):
-        self.name, self.open = name, loader.safe_open
+    def failing(fd, buffers, offset):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(shard) and offset < entry.end and offset + sum(map(len, buffers)) > entry.start:
+            raise OSError(errno.EIO, "Input/output error")
+        return preadv(fd, buffers, offset)
 
-    def __call__(self, *args, **kwargs):
-        handle, name = self.open(*args, **kwargs), self.name
-
-        class Handle:
-            def __getattr__(self, attr):
-                return getattr(handle, attr)
-
-            def get_tensor(self, tensor):
-                if tensor == name:
-                    raise OSError("Input/output error")
-                return handle.get_tensor(tensor)
-
-        return Handle()
-
-
-def test_a_failure_while_copying_raises(small_checkpoint, monkeypatch):
-    monkeypatch.setattr(loader, "safe_open", FailingReads(KV_B))
-    with pytest.raises(ValueError, match=rf"could not read tensor {KV_B} from shard .*: Input/output error"):
-        load(small_checkpoint())
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(OSError, match=rf"could not read bytes \[\d+, \d+\) of shard .*{re.escape(shard.name)} \(tensor .*{re.escape(KV_B)}.*\): Input/output error"):
+        load(path)
 
 
 def test_corrupt_single_file(tmp_path, small_checkpoint):

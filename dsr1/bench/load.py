@@ -1,0 +1,69 @@
+"""The cold-load figure's pieces: evicting a checkpoint from the page cache, the disk's own read rate, and
+reading the same checkpoint the plain way (safetensors, tensor by tensor, `.to(device)`) as a peer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dsr1.checkpoint.reader import CHUNK, THREADS
+
+
+def evict(files: list[Path]) -> str:
+    """Drop `files` from the page cache so the next read comes from the disk: the whole cache where this
+    process may (root), else each file's clean pages (posix_fadvise DONTNEED). Returns how."""
+    os.sync()  # dirty pages cannot be dropped
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
+
+
+def disk_read_rate(files: list[Path], threads: int = THREADS, chunk: int = CHUNK) -> float:
+    """Bytes per second reading every byte of `files` (evicted first) into host memory, `threads` reads of
+    `chunk` bytes in flight: what the disk gives the loader's reading pattern, with no device copy."""
+    evict(files)
+    jobs = [(f, start, min(chunk, f.stat().st_size - start)) for f in files for start in range(0, f.stat().st_size, chunk)]
+    local = threading.local()  # one buffer per thread
+
+    def read(job: tuple[Path, int, int]) -> int:
+        f, start, n = job
+        if not hasattr(local, "buf"):
+            local.buf = bytearray(chunk)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            return os.preadv(fd, [memoryview(local.buf)[:n]], start)
+        finally:
+            os.close(fd)
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(read, jobs))
+    return total / (time.perf_counter() - t)
+
+
+def safetensors_read_rate(files: list[Path], device: torch.device) -> float:
+    """Bytes per second loading every tensor of `files` (evicted first) the plain way: safetensors'
+    memory-mapped get_tensor, then a synchronous `.to(device)`, one tensor after another."""
+    evict(files)
+    total, t = 0, time.perf_counter()
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                total += handle.get_tensor(name).to(device).nbytes
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return total / (time.perf_counter() - t)

@@ -1,0 +1,214 @@
+"""Read tensors out of safetensors files fast: each tensor's bytes go from the file straight to where they
+belong, several reads in flight at once so the disk stays busy.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape and
+data_offsets from the end of the header), then the tensors' raw bytes. `read_header` parses and checks it.
+`Reader.read` copies byte ranges of files into tensors:
+- to CPU memory: one pread per range (split into chunks), straight into the destination, from a pool of
+  threads;
+- to a GPU: ranges of one file that lie next to each other are read together, in chunks, into pinned
+  host buffers by a pool of threads, while the buffers filled earlier are copied to the device on a side
+  stream (non-blocking); a buffer is refilled once its copies have finished.
+Reads are plain buffered preads (they go through the page cache), which release the GIL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dsr1.checkpoint.fp8 import FP8_DTYPE
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": FP8_DTYPE}
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+THREADS = 8  # reads in flight: one sequential stream does not saturate an NVMe disk
+CHUNK = 32 << 20  # bytes per read; a GPU reader holds 2 * THREADS pinned buffers of this size
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: dtype (torch's, or the file's name for one torch lacks here),
+    shape, and where its bytes lie in the file (absolute offsets)."""
+
+    dtype: torch.dtype | str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """Copy bytes [start, start + dest.numel()) of `path` into `dest` (contiguous uint8); `name` labels errors."""
+
+    path: Path
+    start: int
+    dest: torch.Tensor
+    name: str
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of the safetensors file `path`; ValueError (saying what is wrong) unless the header parses
+    and every tensor's bytes lie inside the file and match its shape and dtype."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    base, entries = 8 + n, {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (int(v) for v in meta["data_offsets"])
+            shape, dtype_name = tuple(int(d) for d in meta["shape"]), str(meta["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tensor {name}: header entry {meta!r} lacks dtype, shape or data_offsets ({e!r})") from e
+        dtype = SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
+        if not 0 <= start <= end or base + end > size:
+            raise ValueError(f"tensor {name}: bytes [{start}, {end}) after the header end past the file's {size - base}")
+        if isinstance(dtype, torch.dtype) and end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name}: {end - start} bytes for shape {list(shape)} of {dtype}")
+        entries[name] = TensorEntry(dtype, shape, base + start, base + end)
+    return entries
+
+
+@dataclass
+class _Chunk:
+    """One pread: `nbytes` from `start` of file `path`, then slices of it copied to destinations."""
+
+    path: Path
+    start: int
+    nbytes: int
+    pieces: list[tuple[Read, int, int, int]]  # (read, offset in read.dest, offset in the chunk, length)
+
+
+def plan_chunks(reads: list[Read], chunk: int, coalesce: bool) -> list[_Chunk]:
+    """Chunks of at most `chunk` bytes covering every read, in file order; with `coalesce`, reads of one file
+    that lie back to back share chunks."""
+    chunks: list[_Chunk] = []
+    for read in sorted(reads, key=lambda r: (str(r.path), r.start)):
+        done, length = 0, read.dest.numel()
+        while done < length:
+            pos = read.start + done
+            last = chunks[-1] if chunks else None
+            joins = coalesce and last is not None and last.path == read.path and last.start + last.nbytes == pos and last.nbytes < chunk
+            if not joins:
+                last = _Chunk(read.path, pos, 0, [])
+                chunks.append(last)
+            n = min(length - done, chunk - last.nbytes)
+            last.pieces.append((read, done, last.nbytes, n))
+            last.nbytes += n
+            done += n
+    return chunks
+
+
+class Reader:
+    """Reads into tensors on one device (a context manager: it owns threads, and pinned buffers for a GPU)."""
+
+    def __init__(self, device: torch.device, threads: int = THREADS, chunk: int = CHUNK, staged: bool | None = None):
+        self.device, self.chunk = torch.device(device), chunk
+        self.staged = self.device.type != "cpu" if staged is None else staged  # tests stage into CPU memory too
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dsr1-read")
+        self.threads = threads
+        self.buffers: list[torch.Tensor] = []
+        self.events: list[torch.cuda.Event | None] = []
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._fds: dict[Path, int] = {}
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, reads: list[Read], on_bytes: Callable[[int], None] = lambda n: None) -> None:
+        """Fill every read's destination; return once all bytes are there (device copies finished too)."""
+        for r in reads:
+            if r.dest.dtype != torch.uint8 or r.dest.dim() != 1 or not r.dest.is_contiguous() or r.dest.device != self.device:
+                raise ValueError(f"{r.name}: a read needs a contiguous 1-D uint8 destination on {self.device}")
+        chunks = plan_chunks(reads, self.chunk, coalesce=self.staged)
+        for chunk in chunks:  # opened here, not in the threads
+            if chunk.path not in self._fds:
+                self._fds[chunk.path] = os.open(chunk.path, os.O_RDONLY)
+        if self.staged:
+            self._read_staged(chunks, on_bytes)
+            return
+        futures = []
+        for chunk in chunks:  # uncoalesced: one piece per chunk, read straight into its destination
+            read, dest_at, _, n = chunk.pieces[0]
+            futures.append((self.pool.submit(self._pread_chunk, chunk, read.dest[dest_at : dest_at + n]), chunk))
+        for fut, chunk in futures:
+            fut.result()
+            on_bytes(chunk.nbytes)
+
+    def _read_staged(self, chunks: list[_Chunk], on_bytes: Callable[[int], None]) -> None:
+        if not self.buffers:
+            pin = self.device.type == "cuda"
+            self.buffers = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(2 * self.threads)]
+            self.events = [None] * len(self.buffers)
+        free = deque(range(len(self.buffers)))
+        pending: deque[tuple[Future, _Chunk, int]] = deque()
+
+        def unload() -> None:  # the oldest read: wait for it, start its copies, free its buffer once they are done
+            fut, chunk, b = pending.popleft()
+            fut.result()
+            buf = self.buffers[b]
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                for read, dest_at, at, n in chunk.pieces:
+                    read.dest[dest_at : dest_at + n].copy_(buf[at : at + n], non_blocking=self.stream is not None)
+                if self.stream is not None:
+                    self.events[b] = torch.cuda.Event()
+                    self.events[b].record(self.stream)
+            free.append(b)
+            on_bytes(chunk.nbytes)
+
+        for chunk in chunks:
+            if not free:
+                unload()
+            b = free.popleft()
+            if self.events[b] is not None:
+                self.events[b].synchronize()  # its last copies have left the buffer
+            pending.append((self.pool.submit(self._pread_chunk, chunk, self.buffers[b][: chunk.nbytes]), chunk, b))
+        while pending:
+            unload()
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def _pread_chunk(self, chunk: _Chunk, into: torch.Tensor) -> None:
+        """Read the chunk's bytes into `into` (host memory), retrying short reads; errors name the tensors."""
+        view, done = memoryview(into.numpy()), 0
+        try:
+            fd = self._fds[chunk.path]
+            while done < chunk.nbytes:
+                n = os.preadv(fd, [view[done : chunk.nbytes]], chunk.start + done)
+                if n == 0:
+                    raise OSError(f"the file ends at byte {chunk.start + done}")
+                done += n
+        except OSError as e:
+            names = sorted({read.name for read, *_ in chunk.pieces})
+            raise OSError(
+                f"could not read bytes [{chunk.start}, {chunk.start + chunk.nbytes}) of shard {chunk.path} "
+                f"(tensor {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): {e.strerror or e}"
+            ) from e
+

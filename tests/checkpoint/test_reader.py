@@ -1,0 +1,110 @@
+"""The safetensors reader (dsr1/checkpoint/reader.py) against the safetensors library: headers, every
+tensor's bytes through the direct and the staged (pinned-buffer) paths with chunks small enough to split
+and join tensors, and clear errors for files that lie about their size."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dsr1.checkpoint.loader as loader
+from dsr1 import load_model
+from dsr1.checkpoint.reader import Read, Reader, plan_chunks, read_header
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def shards(path: Path) -> list[Path]:
+    return sorted({path / f for f in json.loads((path / loader.INDEX_FILE).read_text())["weight_map"].values()})
+
+
+def test_header_matches_safetensors(small_checkpoint):
+    for shard in shards(small_checkpoint()):
+        entries = read_header(shard)
+        with safe_open(str(shard), "pt") as f:
+            assert sorted(entries) == sorted(f.keys())
+            for name, entry in entries.items():
+                t = f.get_tensor(name)
+                assert (entry.dtype, entry.shape, entry.end - entry.start) == (t.dtype, tuple(t.shape), t.nbytes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("staged, chunk, threads", [(False, 1 << 20, 4), (False, 777, 3), (True, 1 << 20, 2), (True, 777, 3)])
+def test_every_tensor_reads_exactly(small_checkpoint, device, staged, chunk, threads):
+    """777-byte chunks split most tensors across reads and join small neighbours into one read."""
+    reads, want = [], {}
+    for shard in shards(small_checkpoint()):
+        with safe_open(str(shard), "pt") as f:
+            for name, entry in read_header(shard).items():
+                want[name] = f.get_tensor(name)
+                dest = torch.full((entry.end - entry.start,), 0xAB, dtype=torch.uint8, device=device)
+                reads.append(Read(shard, entry.start, dest, name))
+    if staged:
+        assert len(plan_chunks(reads, chunk, coalesce=True)) < len(plan_chunks(reads, chunk, coalesce=False))
+    seen = []
+    with Reader(torch.device(device), threads=threads, chunk=chunk, staged=staged) as reader:
+        reader.read(reads, seen.append)
+    assert sum(seen) == sum(r.dest.numel() for r in reads)
+    for r in reads:
+        assert torch.equal(r.dest.cpu(), want[r.name].view(-1).view(torch.uint8)), r.name
+
+
+def test_plan_chunks_cover_each_read_once():
+    path = Path("f")
+    dests = [torch.empty(n, dtype=torch.uint8) for n in (10, 5, 30, 7)]
+    reads = [Read(path, 0, dests[0], "a"), Read(path, 10, dests[1], "b"), Read(path, 20, dests[2], "c"), Read(Path("g"), 3, dests[3], "d")]
+    chunks = plan_chunks(reads, 12, coalesce=True)
+    # a and b back to back share a chunk (a 12-byte limit splits b); c starts after a gap; d is another file
+    assert [(c.path.name, c.start, c.nbytes) for c in chunks] == [("f", 0, 12), ("f", 12, 3), ("f", 20, 12), ("f", 32, 12), ("f", 44, 6), ("g", 3, 7)]
+    covered = {}
+    for c in chunks:
+        for read, dest_at, at, n in c.pieces:
+            assert c.start + at == read.start + dest_at and at + n <= c.nbytes
+            covered[read.name] = covered.get(read.name, 0) + n
+    assert covered == {"a": 10, "b": 5, "c": 30, "d": 7}
+
+
+def test_truncated_after_the_header_check(tmp_path):
+    """A file that shrinks between the header check and the read fails, naming the file and tensor."""
+    path = tmp_path / "x.safetensors"
+    save_file({"t": torch.arange(1000, dtype=torch.float32)}, str(path))
+    entry = read_header(path)["t"]
+    path.write_bytes(path.read_bytes()[:-100])
+    with Reader(torch.device("cpu")) as reader, pytest.raises(OSError, match=r"of shard .*x\.safetensors \(tensor t\): the file ends at byte"):
+        reader.read([Read(path, entry.start, torch.empty(entry.end - entry.start, dtype=torch.uint8), "t")])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: {**h, "t": {**h["t"], "data_offsets": [0, 5000]}}, r"tensor t: bytes \[0, 5000\) .* past the file's 4000"),
+    (lambda h: {**h, "t": {**h["t"], "shape": [999]}}, r"tensor t: 4000 bytes for shape \[999\] of torch.float32"),
+    (lambda h: {**h, "t": {"dtype": "F32"}}, r"tensor t: header entry .* lacks dtype, shape or data_offsets"),
+])  # fmt: skip
+def test_header_lies(tmp_path, edit, message):
+    path = tmp_path / "x.safetensors"
+    save_file({"t": torch.arange(1000, dtype=torch.float32)}, str(path))
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(edit(json.loads(data[8 : 8 + n])), separators=(",", ":")).encode().ljust(n)  # same length: the data stays where it was
+    path.write_bytes(data[:8] + header[:n] + data[8 + n :])
+    with pytest.raises(ValueError, match=message):
+        read_header(path)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_staged_loading_equals_direct_loading(small_checkpoint, monkeypatch, fp8):
+    """The GPU path's pinned-buffer pipeline, run into CPU memory, loads the same model as direct reads
+    (fp8=False: dequantized at load, through temporaries in batches small enough to need several)."""
+    path = small_checkpoint()
+    direct = load_model(path, device="cpu", fp8=fp8, progress=False).state_dict()
+    monkeypatch.setattr(loader, "Reader", functools.partial(Reader, chunk=4096, threads=3, staged=True))
+    monkeypatch.setattr(loader, "CONVERT_BATCH", 100_000)
+    staged = load_model(path, device="cpu", fp8=fp8, progress=False).state_dict()
+    assert staged.keys() == direct.keys()
+    for name, t in direct.items():
+        assert torch.equal(staged[name].view(torch.uint8), t.view(torch.uint8)), name
