@@ -5,7 +5,8 @@ reaches (bytes of the weights the call must read / time), next to the card's cop
     python scripts/bench_w8a16.py [--json out.json]
 
 Dense products at 1 and 64 rows; routed experts (256 of them, [2048, 7168] and [7168, 2048]) on the
-masked layout with the counts of a top-8 routing of 1 and 64 tokens.
+masked layout with the counts of a top-8 routing of 1 and 64 tokens, the kernel launched for the experts
+that a batch of that many tokens can reach (w8a16.active_experts), as the MoE layer launches it.
 """
 
 from __future__ import annotations
@@ -64,16 +65,18 @@ def main() -> None:
             counts = torch.zeros(256, dtype=torch.int32, device=device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
             x = torch.randn(256, tokens, k, generator=gen, device=device, dtype=torch.bfloat16)
             active = int((counts > 0).sum())
+            listed = w8a16.active_experts(counts, tokens * 8)  # as MoE passes them: the kernel runs for these experts only
             cases.append((f"{name} tokens={tokens} ({active} experts)", w[0].nbytes * active, tokens,
-                          lambda c, x=x, w=w, s=s, counts=counts: w8a16.grouped_linear(x, w, s, counts, config=c)))
+                          lambda c, x=x, w=w, s=s, counts=counts, listed=listed: w8a16.grouped_linear(x, w, s, counts, config=c, experts=listed)))
     rows = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     for label, nbytes, m, fn in cases:
         default = graph_time(timer, lambda: fn(None))
         configs = CONFIGS + (ROW_CONFIGS if m == 1 else [])
-        best = min(((graph_time(timer, lambda c=c: fn(c)), c) for c in configs), key=lambda t: t[0])
+        timed = [(graph_time(timer, lambda c=c: fn(c)), c) for c in configs]
+        best = min(timed, key=lambda t: t[0])
         rows.append({"case": label, "bytes": nbytes, "default_us": 1e6 * default, "best_us": 1e6 * best[0], "best_config": best[1],
-                     "default_of_bw": nbytes / default / bw, "best_of_bw": nbytes / best[0] / bw})
+                     "default_of_bw": nbytes / default / bw, "best_of_bw": nbytes / best[0] / bw, "all_us": [(1e6 * t, c) for t, c in timed]})
         r = rows[-1]
         print(f"{label:<34} default {r['default_us']:8.1f} µs ({r['default_of_bw']:5.1%} of bw)   best {r['best_us']:8.1f} µs "
               f"({r['best_of_bw']:5.1%})  {r['best_config']}")

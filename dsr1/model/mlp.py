@@ -86,19 +86,24 @@ class GroupedExperts(nn.Module):
             return F.linear(x, self.weight(name, slot, x.dtype))
         return self.gemm.linear(x, getattr(self, name)[slot], scale[slot])
 
-    def forward(self, x: Tensor | FP8Rows, counts: Tensor) -> Tensor:
+    def forward(self, x: Tensor | FP8Rows, counts: Tensor, max_active: int | None = None) -> Tensor:
         """x: [e, M, m] (or FP8Rows from an FP8 dispatch), counts: [e] -> [e, M, m] in the run dtype; rows past
-        counts[j] are not to be read (zero, except with `masked`)."""
+        counts[j] are not to be read (zero, except with `masked`). max_active: at most this many experts have
+        rows (`masked` then launches its kernels for that many, not for all e)."""
         impl = self.resolve_impl(x)
         if impl not in self.IMPLS[1:]:
             raise ValueError(f"GroupedExperts.impl {impl!r} is not one of {self.IMPLS}")
         if isinstance(x, FP8Rows) and impl != "masked":  # only the masked kernel reads FP8 activations
             x = x.dequantize(torch.bfloat16)
-        return {"loop": self._loop, "grouped": self._grouped, "masked": self._masked}[impl](x, counts)
+        if impl == "masked":
+            return self._masked(x, counts, max_active)
+        return {"loop": self._loop, "grouped": self._grouped}[impl](x, counts)
 
-    def _masked(self, x: Tensor | FP8Rows, counts: Tensor) -> Tensor:
+    def _masked(self, x: Tensor | FP8Rows, counts: Tensor, max_active: int | None) -> Tensor:
+        experts = w8a16.active_experts(counts, max_active) if max_active is not None and max_active < self.n_local else None
+
         def mm(a: Tensor | FP8Rows, name: str) -> Tensor:  # a [e, M, in] -> [e, M, out] bf16, valid rows only
-            return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts)
+            return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts, experts=experts)
 
         return mm(F.silu(mm(x, "w1")) * mm(x, "w3"), "w2")
 

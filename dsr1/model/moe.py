@@ -21,6 +21,7 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher
         self.gate = Gate(cfg)  # HF: mlp.gate
         self.experts = GroupedExperts(dispatcher.n_local_experts, cfg.dim, cfg.moe_inter_dim, fp8)  # HF: mlp.experts
+        self.holds_all = dispatcher.n_local_experts == cfg.n_routed_experts  # then every routed pair is one of our tokens
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, fp8) if cfg.n_shared_experts else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -31,7 +32,8 @@ class MoE(nn.Module):
         y = torch.empty_like(x)
         for start, end in self.dispatcher.chunks(x.shape[0]):
             recv_x, counts, handle = self.dispatcher.dispatch(x[start:end], expert_ids[start:end], weights[start:end])
-            y[start:end] = self.dispatcher.combine(self.experts(recv_x, counts), handle)
+            max_active = (end - start) * self.gate.top_k if self.holds_all else None  # other ranks' tokens are not counted here
+            y[start:end] = self.dispatcher.combine(self.experts(recv_x, counts, max_active), handle)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

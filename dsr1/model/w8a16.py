@@ -50,15 +50,16 @@ if triton is not None:
 
     @triton.jit
     def _w8a16_kernel(
-        x_ptr, xs_ptr, w_ptr, s_ptr, counts_ptr, out_ptr,
+        x_ptr, xs_ptr, w_ptr, s_ptr, counts_ptr, experts_ptr, out_ptr, part_ptr, arrived_ptr,
         M, N, K, k_per_split,
-        sxe, sxm, sxk, sxse, sxsm, sxsk, swe, swn, swk, sse, ssn, ssk, soe, sos, som, son,
-        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        sxe, sxm, sxk, sxse, sxsm, sxsk, swe, swn, swk, sse, ssn, ssk, soe, som, son, spe, sps, spm, spn,
+        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_EXPERTS: tl.constexpr,
+        SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n_splits = tl.cdiv(K, k_per_split)
-        e, split = (pid_es // n_splits).to(tl.int64), pid_es % n_splits  # int64: e * swe passes 2^31 at R1's shape
+        e, split = (pid_es // SPLITS).to(tl.int64), pid_es % SPLITS  # int64: e * swe passes 2^31 at R1's shape
+        if HAS_EXPERTS:  # the grid covers a list of experts (those with rows first), not all of them
+            e = tl.load(experts_ptr + e).to(tl.int64)
         rows = tl.load(counts_ptr + e) if HAS_COUNTS else M
         if pid_m * BLOCK_M < rows:  # row tiles past this expert's count (all of an unused expert's) do nothing
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -91,8 +92,21 @@ if triton is not None:
                     acc += tl.dot(x, tl.trans(w.to(tl.bfloat16))) * scale  # [BM, BN] fp32
             if BLOCK_M == 1:
                 acc += tl.sum(acc_nk, axis=1)[None, :]
-            out_ptrs = out_ptr + split * sos + e * soe + offs_m[:, None] * som + offs_n[None, :] * son
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            out_ptrs = out_ptr + e * soe + offs_m[:, None] * som + offs_n[None, :] * son  # [BM, BN]
+            mask = m_ok[:, None] & n_ok[None, :]
+            if SPLITS == 1:
+                tl.store(out_ptrs, _round_to_bf16(acc) if INTERPRETED else acc.to(tl.bfloat16), mask=mask)
+            else:  # K split: partial sums in fp32; the tile's last split to finish adds them up in split order
+                part_ptrs = part_ptr + e * spe + offs_m[:, None] * spm + offs_n[None, :] * spn  # [BM, BN] of split 0
+                tl.store(part_ptrs + split * sps, acc, mask=mask)
+                tl.debug_barrier()  # every thread's partial is written before the release below
+                tile = (e * tl.num_programs(1) + pid_m) * tl.num_programs(0) + pid_n
+                if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for j in range(SPLITS):  # a fixed order: the result does not depend on which split ran last
+                        total += tl.load(part_ptrs + j * sps, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.store(out_ptrs, _round_to_bf16(total) if INTERPRETED else total.to(tl.bfloat16), mask=mask)
+                    tl.atomic_xchg(arrived_ptr + tile, 0)  # ready for the next call (and the next graph replay)
 
 
     @triton.jit
@@ -104,12 +118,19 @@ if triton is not None:
 
 
 def grouped_linear(
-    x: Tensor | FP8Rows, weight: Tensor, scale: Tensor | None, counts: Tensor | None = None, config: dict | None = None
+    x: Tensor | FP8Rows,
+    weight: Tensor,
+    scale: Tensor | None,
+    counts: Tensor | None = None,
+    config: dict | None = None,
+    experts: Tensor | None = None,
 ) -> Tensor:
     """x [e, M, K] bf16 (or FP8Rows: e4m3 with 1x128 scales, as DeepEP's FP8 dispatch delivers them, dequantized
     in the kernel exactly as FP8Rows.dequantize does) times each expert's weight [e, N, K] (e4m3 with scale
     [e, ceil(N/128), ceil(K/128)], or bf16 with scale None) -> [e, M, N] bf16. With counts [e], only rows
-    [0, counts[j]) of expert j are computed; the rest of the output is left as torch.empty made it."""
+    [0, counts[j]) of expert j are computed; the rest of the output is left as torch.empty made it.
+    experts [L] (optional, with counts): distinct expert ids holding every expert with rows (active_experts):
+    the kernel is launched for those L only, instead of all e."""
     x, x_scale = (x.data, x.scales) if isinstance(x, FP8Rows) else (x, None)
     e, m, k = x.shape
     n = weight.shape[1]
@@ -121,17 +142,39 @@ def grouped_linear(
     k_splits = min(cfg.get("SPLIT_K") or default_k_splits(m, n_tiles, counts is not None), triton.cdiv(k, block_k))
     k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
     k_splits = triton.cdiv(k, k_per_split)
-    # Split-K partial sums stay fp32 until summed; so does the interpreter's output (its fp32 -> bf16 cast truncates).
-    fp32_out = k_splits > 1 or INTERPRET
-    out = torch.empty(k_splits, e, m, n, dtype=torch.float32 if fp32_out else torch.bfloat16, device=x.device)
-    _w8a16_kernel[(n_tiles, m_tiles, e * k_splits)](
-        x, _or(x_scale, x), weight, _or(scale, weight), _or(counts, x), out,  # unused pointers: any tensor
+    out = torch.empty(e, m, n, dtype=torch.bfloat16, device=x.device)
+    part = torch.empty(k_splits, e, m, n, dtype=torch.float32, device=x.device) if k_splits > 1 else out  # fp32 partial sums
+    arrived = _arrival_counters(x.device, n_tiles * m_tiles * e) if k_splits > 1 else out  # tiles numbered by expert id
+    slots = e if experts is None else experts.numel()
+    _w8a16_kernel[(n_tiles, m_tiles, slots * k_splits)](
+        x, _or(x_scale, x), weight, _or(scale, weight), _or(counts, x), _or(experts, x), out, part, arrived,  # unused pointers: any tensor
         m, n, k, k_per_split,
-        *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), *_out_strides(out),
-        HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), *out.stride(), *_part_strides(part),
+        HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, HAS_EXPERTS=experts is not None,
+        SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=k_splits, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    return out.sum(0).to(torch.bfloat16) if fp32_out else out[0]
+    return out
+
+
+def active_experts(counts: Tensor, bound: int) -> Tensor:
+    """[min(e, bound)] distinct expert ids, those with rows first, when at most `bound` experts have rows
+    (a batch of n tokens routes to at most n * top_k): grouped_linear's `experts`. One sort, on the device."""
+    return torch.topk(counts, min(bound, counts.numel()), sorted=False).indices
+
+
+_ARRIVALS: dict[torch.device, Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> Tensor:
+    """Per output tile, how many K splits have stored their partial sum: zeros, and back to zero after each
+    call (the last split resets its tile), so one buffer per device serves every call, graph replays too."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"w8a16: {tiles} split-K counters first needed while capturing a CUDA graph; run the step once before capture")
+        counters = _ARRIVALS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    return counters
 
 
 def _or(t: Tensor | None, other: Tensor) -> Tensor:
@@ -147,7 +190,9 @@ def launch_config(m: int, k: int, grouped: bool) -> dict:
     the device, so a grouped call is tiled for the few rows a decode step routes to each expert). From
     scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): one row is a matrix-vector product (BLOCK_M 1);
     wide N tiles for the experts and the long-K dense products. A "SPLIT_K" key overrides default_k_splits."""
-    if m == 1:
+    if m == 1:  # a batch-1 step's experts (8 of them, listed) with long rows: wider tiles, two K splits
+        if grouped and k >= 4096:
+            return {"BLOCK_M": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}
         return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
     wide = grouped or k >= 16384 or m > 64
@@ -163,9 +208,11 @@ def default_k_splits(m: int, n_tiles: int, grouped: bool) -> int:
     return max(1, (MATVEC_PROGRAMS if m == 1 else TARGET_PROGRAMS) // n_tiles)
 
 
-def _out_strides(out: Tensor) -> tuple[int, ...]:
-    """out [S, e, M, N] -> strides in the kernel's argument order (expert, split, row, column)."""
-    return out.stride(1), out.stride(0), out.stride(2), out.stride(3)
+def _part_strides(part: Tensor) -> tuple[int, ...]:
+    """part [S, e, M, N] (or any tensor when K is not split) -> strides in the kernel's order (expert, split, row, column)."""
+    if part.dim() != 4:
+        return 0, 0, 0, 0
+    return part.stride(1), part.stride(0), part.stride(2), part.stride(3)
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:

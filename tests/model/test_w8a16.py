@@ -42,6 +42,17 @@ def test_dense_matches_dequant(m, n, k):
     assert rel_err(got, DEQUANT.linear(x, w[0], s[0])) < TOL
 
 
+def test_split_k_is_deterministic_and_leaves_its_counters_at_zero():
+    """The last K split of a tile sums the partials in split order: repeated calls are bit-identical, equal
+    to no split up to fp32 order, and every arrival counter is back at zero for the next call."""
+    w, s = fp8_weights(1, 256, 1024, seed=7)
+    x = torch.randn(1, 3, 1024, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.bfloat16)
+    runs = [w8a16.grouped_linear(x, w, s, config={"SPLIT_K": 8}) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    assert not w8a16._ARRIVALS[x.device].any()
+    assert rel_err(runs[0], w8a16.grouped_linear(x, w, s, config={"SPLIT_K": 1})) < 4e-3
+
+
 @pytest.mark.parametrize("rows,config", [(20, None), (1, None), (1, {"SPLIT_K": 2}), (20, {"SPLIT_K": 3})])
 def test_grouped_reads_only_the_valid_rows(rows, config):
     """Several row tiles, one row (the matrix-vector path), and K split (partials summed in fp32)."""
@@ -53,10 +64,14 @@ def test_grouped_reads_only_the_valid_rows(rows, config):
     for j, c in enumerate(counts.tolist()):
         x_poisoned[j, c:] = float("nan")  # rows past the count must never be read
     got = w8a16.grouped_linear(x_poisoned, w, s, counts, config=config)
+    active = w8a16.active_experts(counts, 4)  # 4 experts have rows: the kernel runs for those 4 only
+    assert sorted(active.tolist()) == [j for j, c in enumerate(counts.tolist()) if c]
+    listed = w8a16.grouped_linear(x_poisoned, w, s, counts, config=config, experts=active)
     for j, c in enumerate(counts.tolist()):
         if c:
             ref = x[j, :c].float() @ dequantize(w[j], s[j], torch.float32).T
             assert rel_err(got[j, :c], ref) < TOL, j
+            assert torch.equal(listed[j, :c], got[j, :c]), j
 
 
 def test_run_dtype_weights():
@@ -92,6 +107,8 @@ def test_masked_experts_match_the_loop(fp8):
     assert experts.resolve_impl(x) == ("masked" if fp8 or DEVICE == "cuda" else "grouped")
     experts.impl = "masked"
     got = experts(x, counts)
+    valid = torch.arange(6, device=DEVICE) < counts.unsqueeze(1)
+    assert torch.equal(experts(x, counts, max_active=3)[valid], got[valid])  # 3 experts have rows
     experts.impl, experts.gemm = "loop", DEQUANT
     want = experts(x, counts)
     valid = torch.arange(6, device=DEVICE) < counts.unsqueeze(1)
@@ -112,6 +129,10 @@ def test_whole_model_matches_dequant():
         use_fp8_gemm(model, select_fp8_backend("w8a16", DEVICE))
         assert {m.resolve_impl(ref.bfloat16()) for m in model.modules() if isinstance(m, GroupedExperts)} == {"masked"}
         got = model(tokens)
+        one = model(tokens[:1, :1])  # one token: a matrix-vector product per weight, the kernel run for its top-k experts only
+        use_fp8_gemm(model, DEQUANT)
+        one_ref = model(tokens[:1, :1])
+    assert rel_err(one, one_ref) < 2e-2 and one.argmax(-1).equal(one_ref.argmax(-1))
     per_position = (got.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)  # [b, s]
     median = per_position.median().item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
