@@ -126,6 +126,8 @@ class Reader:
     def __init__(self, device: torch.device, threads: int = THREADS, chunk: int = CHUNK, staged: bool | None = None):
         self.device, self.chunk = torch.device(device), chunk
         self.staged = self.device.type != "cpu" if staged is None else staged  # tests stage into CPU memory too
+        if not self.staged and self.device.type != "cpu":
+            raise ValueError(f"Reader: reads go straight into CPU memory only; {self.device} needs staged=True")
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dsr1-read")
         self.threads = threads
         self.buffers: list[torch.Tensor] = []
@@ -167,6 +169,8 @@ class Reader:
             pin = self.device.type == "cuda"
             self.buffers = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(2 * self.threads)]
             self.events = [None] * len(self.buffers)
+        if self.stream is not None:  # what the current stream does to the destinations (a fill, a free) comes first
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         free = deque(range(len(self.buffers)))
         pending: deque[tuple[Future, _Chunk, int]] = deque()
 
