@@ -124,7 +124,10 @@ class Reader:
     """Reads into tensors on one device (a context manager: it owns threads, and pinned buffers for a GPU)."""
 
     def __init__(self, device: torch.device, threads: int = THREADS, chunk: int = CHUNK, staged: bool | None = None):
-        self.device, self.chunk = torch.device(device), chunk
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors report their index: compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.chunk = device, chunk
         self.staged = self.device.type != "cpu" if staged is None else staged  # tests stage into CPU memory too
         if not self.staged and self.device.type != "cpu":
             raise ValueError(f"Reader: reads go straight into CPU memory only; {self.device} needs staged=True")
