@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dsr1.bench.weights import group_popularity_bias
 from dsr1.checkpoint.fp8 import FP8_DTYPE
 from dsr1.config import ModelConfig
 from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
@@ -52,12 +53,10 @@ def build_layer(cfg: ModelConfig, dispatcher, skew: float, device: torch.device,
                 p.fill_(1 / math.sqrt(128 * p.shape[-1]))  # p [.., out/128, in/128]: outputs of about unit variance
             else:
                 p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+        moe.gate.weight.mul_(2)  # wide router logits, as the synthetic checkpoints have
+        moe.gate.bias.copy_(group_popularity_bias(cfg, skew, gen, device))
     if fp8:
         use_fp8_gemm(moe, select_fp8_backend("auto", device))
-        moe.gate.weight.mul_(2)  # wide router logits, as the synthetic checkpoints have
-        group_size = cfg.n_routed_experts // cfg.n_expert_groups
-        group_rank = torch.randperm(cfg.n_expert_groups, generator=gen, device=device).repeat_interleave(group_size)
-        moe.gate.bias.copy_(-skew * torch.log1p(group_rank.float()))
     return moe
 
 

@@ -70,10 +70,15 @@ class Dsr1Runner:
 
 
 class Dsr1GraphRunner(Dsr1Runner):
-    """Dsr1Runner whose decode steps replay a CUDA graph (dsr1/decode_graphs.py), as generation does on a GPU."""
+    """Dsr1Runner whose decode steps replay a CUDA graph (dsr1/decode_graphs.py), as generation does on a GPU;
+    with an expert-parallel group, every rank captures in lockstep."""
+
+    def __init__(self, model: Transformer, group=None):
+        super().__init__(model)
+        self.group = group
 
     def decode_cache(self, batch: int, context: int, steps: int):
-        self.graphs = DecodeGraphs(self.model, context + steps, max_batch=batch)
+        self.graphs = DecodeGraphs(self.model, context + steps, max_batch=batch, group=self.group)
         cache = self.graphs.prepare(batch)  # captured before the cache is filled: capture writes position 0
         fill_cache(cache, context)
         return cache

@@ -33,9 +33,10 @@ class RandomTensor(NamedTuple):
     scale: Tensor | None = None
 
 
-def random_tensors(cfg: ModelConfig, device, seed: int = 0) -> Iterator[RandomTensor]:
-    """Every weight of an FP8 checkpoint for `cfg` (no MTP layers), each FP8 weight with its scale."""
-    specs = checkpoint_tensors(cfg, fp8=True)
+def random_tensors(cfg: ModelConfig, device, seed: int = 0, expert_ids: list[int] | None = None) -> Iterator[RandomTensor]:
+    """Every weight of an FP8 checkpoint for `cfg` (no MTP layers), each FP8 weight with its scale; with
+    expert_ids, only those routed experts (in slot order). A tensor's values depend on its name only."""
+    specs = checkpoint_tensors(cfg, fp8=True, expert_ids=expert_ids)
     scales = {s.hf_name: s for s in specs if s.is_scale}
     for spec in specs:
         if spec.is_scale:
@@ -52,6 +53,14 @@ def random_tensors(cfg: ModelConfig, device, seed: int = 0) -> Iterator[RandomTe
         yield RandomTensor(spec, weight, scale_spec, scale)
 
 
+def group_popularity_bias(cfg: ModelConfig, skew: float, gen: torch.Generator, device) -> Tensor:
+    """A router bias [e] that makes some expert groups popular: group of popularity rank r (a random order)
+    gets -skew * log(1 + r), as R1's e_score_correction_bias steers selection. skew 0: uniform routing."""
+    group_size = cfg.n_routed_experts // cfg.n_expert_groups
+    group_rank = torch.randperm(cfg.n_expert_groups, generator=gen, device=device).repeat_interleave(group_size)
+    return -skew * torch.log1p(group_rank.float())
+
+
 def _dense(spec: TensorSpec, gen: torch.Generator, device, n_layers: int) -> Tensor:
     """A bf16/fp32 tensor: norms near one, a small router bias, embeddings, lm_head and router weights."""
     x = torch.randn(spec.shape, generator=gen, device=device)
@@ -65,10 +74,11 @@ def _dense(spec: TensorSpec, gen: torch.Generator, device, n_layers: int) -> Ten
     return x * wide / math.sqrt(spec.shape[1])
 
 
-def fill_dsr1(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> None:
-    """Fill a dsr1 Transformer built with fp8=True (and no MTP layers) with `random_tensors`."""
+def fill_dsr1(model: nn.Module, cfg: ModelConfig, seed: int = 0, expert_ids: list[int] | None = None) -> None:
+    """Fill a dsr1 Transformer built with fp8=True (and no MTP layers) with `random_tensors`; an
+    expert-parallel rank's model with its experts (expert_ids, in slot order): the same weights as one GPU's."""
     device = model.embed.weight.device
-    for t in random_tensors(cfg, device, seed):
+    for t in random_tensors(cfg, device, seed, expert_ids):
         _dsr1_target(model, t.spec).copy_(t.value)
         if t.scale is not None:
             _dsr1_target(model, t.scale_spec).copy_(t.scale)

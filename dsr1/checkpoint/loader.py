@@ -63,7 +63,7 @@ class LoadStats:
 
 
 class Checkpoint:
-    """A checkpoint directory: its config, which shard holds each tensor, and the shards open now."""
+    """A checkpoint directory: its config, which shard holds each tensor, and the headers of the shards read so far."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

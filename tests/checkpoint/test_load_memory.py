@@ -1,6 +1,6 @@
-"""Peak host memory while loading stays near the model's own size: shards are memory-mapped one after
-another and closed after their last tensor, and no state dict is materialized. (A loader that keeps
-every shard mapped, or reads a full state dict first, peaks at about twice the model.)"""
+"""Peak host memory while loading stays near the model's own size: each tensor's bytes are read straight
+into its parameter (dsr1/checkpoint/reader.py), and no state dict or whole shard is held in memory. (A
+loader that reads a full state dict first, or keeps every shard mapped, peaks at about twice the model.)"""
 
 from __future__ import annotations
 
