@@ -31,7 +31,7 @@ from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.mlp import GroupedExperts
 from dsr1.model.moe import MoE
 from dsr1.parallel.dispatch import make_dispatcher, single_dispatch
-from dsr1.parallel.dist import init_distributed, log_rank0
+from dsr1.parallel.dist import join_ep_benchmark, log_rank0
 from dsr1.parallel.placement import expert_placement
 from dsr1.placement_report import DEFAULT_CONFIG
 
@@ -120,11 +120,7 @@ def main() -> None:
     p.add_argument("--json", help="write the rows here (rank 0)")
     args = p.parse_args()
 
-    rank, world, _ = init_distributed()
-    if world == 1:
-        raise SystemExit("run under torchrun with 2 or more processes: the benchmark measures expert parallelism")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rank, world, device, dtype = join_ep_benchmark()
     cfg = ModelConfig.from_file(args.config)
     max_tokens = max(args.tokens)
     rows = []

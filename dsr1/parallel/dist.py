@@ -26,6 +26,17 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def join_ep_benchmark() -> tuple[int, int, torch.device, torch.dtype]:
+    """For the torchrun benchmarks of expert parallelism: join the job (SystemExit unless 2+ processes) ->
+    (rank, world_size, this process's device, its run dtype: bf16 on a GPU, fp32 on CPU)."""
+    rank, world, _ = init_distributed()
+    if world == 1:
+        raise SystemExit("run under torchrun with 2 or more processes: the benchmark measures expert parallelism")
+    if torch.cuda.is_available():
+        return rank, world, torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    return rank, world, torch.device("cpu"), torch.float32
+
+
 def new_cpu_group() -> ProcessGroup:
     """A gloo group over all ranks, for CPU-side collectives (DeepEP's Buffer setup, as vLLM does).
 
