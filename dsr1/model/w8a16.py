@@ -6,9 +6,12 @@ value, and are multiplied exactly: e4m3 -> bf16 is exact, each 128-wide K block'
 fp32 and that partial sum is multiplied by the block's scale. (`dequantize` first rounds fp8 * scale to
 bf16, 2^-9 relative per weight, so the two paths differ by bf16 rounding.) One row (M = 1, a batch-1
 decode step) is a matrix-vector product in fp32 FMAs, which streams the weight faster than tensor cores
-fed through shared memory; more rows use tl.dot. Experts with no rows, and row tiles past an expert's
+fed through shared memory; more rows use tl.dot. K may be split across programs to fill the GPU: each
+split stores an fp32 partial sum and the tile's last split to finish adds them in split order (no
+separate reduction kernel; deterministic). Experts with no rows, and row tiles past an expert's
 count, exit before loading anything: a decode step reads only the experts it routed to, with no host sync
-(the counts stay on the device), so the step can be captured in a CUDA graph. FP8 activations (FP8Rows,
+(the counts stay on the device), so the step can be captured in a CUDA graph; a device-side list of the
+experts that can have rows (active_experts) shrinks the grid to those. FP8 activations (FP8Rows,
 from DeepEP's FP8 dispatch) are dequantized tile by tile inside the kernel, bit for bit as
 FP8Rows.dequantize.
 
@@ -32,7 +35,7 @@ from dsr1.parallel.fp8_rows import FP8Rows
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the dequant path computes the same function
+except ImportError:  # CPU-only installs: the dequant path computes the same function (up to bf16 rounding)
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
