@@ -3,6 +3,7 @@ reading the same checkpoint the plain way (safetensors, tensor by tensor, `.to(d
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -32,20 +33,23 @@ def evict(files: list[Path]) -> str:
         return "fadvise"
 
 
-def disk_read_rate(files: list[Path], threads: int = THREADS, chunk: int = CHUNK) -> float:
+def disk_read_rate(files: list[Path], threads: int = THREADS, chunk: int = CHUNK, direct: bool = False) -> float:
     """Bytes per second reading every byte of `files` (evicted first) into host memory, `threads` reads of
-    `chunk` bytes in flight: what the disk gives the loader's reading pattern, with no device copy."""
+    `chunk` bytes in flight: what the disk gives the loader's reading pattern, with no device copy.
+    direct: O_DIRECT reads, past the page cache (chunk must be a multiple of 4096)."""
+    if direct and chunk % 4096:
+        raise ValueError(f"O_DIRECT reads need a chunk that is a multiple of 4096 bytes, got {chunk}")
     evict(files)
     jobs = [(f, start, min(chunk, f.stat().st_size - start)) for f in files for start in range(0, f.stat().st_size, chunk)]
-    local = threading.local()  # one buffer per thread
+    local = threading.local()  # one buffer per thread; mmap's is page-aligned, as O_DIRECT needs
 
     def read(job: tuple[Path, int, int]) -> int:
         f, start, n = job
         if not hasattr(local, "buf"):
-            local.buf = bytearray(chunk)
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            return os.preadv(fd, [memoryview(local.buf)[:n]], start)
+            local.buf = mmap.mmap(-1, chunk)
+        fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:  # O_DIRECT reads whole pages: the file's last read asks for more and gets what is there
+            return min(n, os.preadv(fd, [memoryview(local.buf)[: -(-n // 4096) * 4096 if direct else n]], start))
         finally:
             os.close(fd)
 

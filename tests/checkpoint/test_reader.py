@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,15 @@ def test_gpu_loading_equals_cpu_loading(small_checkpoint, fp8):
     gpu = load_model(path, device="cuda", dtype=torch.bfloat16, fp8=fp8, progress=False).state_dict()
     for name, t in cpu.items():
         assert torch.equal(gpu[name].cpu().view(torch.uint8), t.view(torch.uint8)), name
+
+
+def test_bench_read_smoke(small_checkpoint, tmp_path):
+    """scripts/bench_read.py: raw read patterns and load_model per reader setting, each with a rate."""
+    out = tmp_path / "read.json"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_read.py"
+    cmd = [sys.executable, str(script), "--ckpt-path", str(small_checkpoint()), "--patterns", "1x1,2x1", "--direct", "2x1", "--load", "2x1", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["what"], r["threads"]) for r in rows if r["what"] != "O_DIRECT"] == [("buffered", 1), ("buffered", 2), ("load_model", 2)]
+    assert all(r["gb_per_s"] > 0 for r in rows)
