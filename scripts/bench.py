@@ -25,7 +25,7 @@ import torch
 
 from dsr1.bench import load, measure
 from dsr1.bench.weights import fill_dsr1, write_checkpoint
-from dsr1.checkpoint.loader import build_model, load_model
+from dsr1.checkpoint.loader import build_model
 from dsr1.config import ModelConfig
 from dsr1.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.model.fp8_gemm import BACKENDS, DEQUANT, probe_fp8_backends, select_fp8_backend, use_fp8_gemm
@@ -149,21 +149,13 @@ def run_hf(args, raw, cfg, device, dtype, timer, dsr1_logits: torch.Tensor) -> d
     return out
 
 
-def run_load(args, raw, cfg, device, dtype, timer) -> dict:
+def run_load(args, raw, cfg, device, dtype) -> dict:
     """Write the weights as an FP8 checkpoint; then, each from a cold page cache: the disk's read rate, the
     plain safetensors read (tensor by tensor, `.to(device)`), and dsr1.load_model."""
     nbytes = write_checkpoint(cfg, raw, args.load_dir, device, args.seed)
     files = sorted(args.load_dir.glob("*.safetensors"))
     out = {"bytes": nbytes, "disk_gb_per_s": load.disk_read_rate(files) / 1e9, "safetensors_gb_per_s": load.safetensors_read_rate(files, device) / 1e9}
-    out["evicted_by"] = load.evict(files)
-    model = None
-
-    def load_once():
-        nonlocal model
-        model = load_model(args.load_dir, device=device, dtype=dtype, fp8=True, progress=False, gemm=args.gemm)
-
-    t = timer(load_once)
-    del model
+    t, out["evicted_by"] = load.time_load(args.load_dir, device, dtype, args.gemm)
     return {**out, "seconds": t, "gb_per_s": nbytes / t / 1e9}
 
 
@@ -191,7 +183,7 @@ def main(argv=None) -> dict:
     result = {"meta": {"config": str(args.config), "date": datetime.date.today().isoformat(), "device": device_name(device),
                        "torch": torch.__version__, "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()}}}
     if args.load_only:
-        result["load"] = run_load(args, raw, cfg, device, dtype, timer)
+        result["load"] = run_load(args, raw, cfg, device, dtype)
         print(load_line(result["load"]))
         return write_json(args, result)
     result["copy_bandwidth"] = measure.copy_bandwidth(device, args.copy_mib << 20, timer)
@@ -208,7 +200,7 @@ def main(argv=None) -> dict:
                 log(result["hf"]["traceback"])
             free(device)
         if args.load_dir:
-            result["load"] = run_load(args, raw, cfg, device, dtype, timer)
+            result["load"] = run_load(args, raw, cfg, device, dtype)
     print(table(result))
     return write_json(args, result)
 

@@ -12,16 +12,12 @@ shards, to the GPU if there is one) with its reader set to each pattern.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import time
 from pathlib import Path
 
 import torch
 
-import dsr1.checkpoint.loader as loader
 from dsr1.bench import load
-from dsr1.checkpoint.reader import Reader
 
 
 def patterns(spec: str) -> list[tuple[int, int]]:
@@ -55,15 +51,10 @@ def main() -> None:
                 print(f"{kind} reads of {subset[0]} failed: {e}")
                 continue
             rows.append({"what": kind, "threads": threads, "chunk_mib": chunk >> 20, "gb_per_s": rate})
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for threads, chunk in patterns(args.load):
-        loader.Reader = functools.partial(Reader, threads=threads, chunk=chunk)
-        load.evict(files)
-        start = time.perf_counter()
-        model = loader.load_model(args.ckpt_path, device=device, fp8=True, progress=False, gemm="dequant")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rows.append({"what": "load_model", "threads": threads, "chunk_mib": chunk >> 20, "gb_per_s": total / (time.perf_counter() - start) / 1e9})
-        del model
+        t, _ = load.time_load(args.ckpt_path, device, dtype, "dequant", reader=(threads, chunk))
+        rows.append({"what": "load_model", "threads": threads, "chunk_mib": chunk >> 20, "gb_per_s": total / t / 1e9})
     for r in rows:
         print(f"{r['what']:<11} {r['threads']:>3} threads x {r['chunk_mib']:>4} MiB  {r['gb_per_s']:6.2f} GB/s")
     if args.json:

@@ -1,8 +1,10 @@
-"""The cold-load figure's pieces: evicting a checkpoint from the page cache, the disk's own read rate, and
-reading the same checkpoint the plain way (safetensors, tensor by tensor, `.to(device)`) as a peer."""
+"""The cold-load figure's pieces: evicting a checkpoint from the page cache, the disk's own read rate,
+reading the same checkpoint the plain way (safetensors, tensor by tensor, `.to(device)`) as a peer, and
+timing dsr1.load_model on it."""
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
@@ -13,7 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dsr1.checkpoint.reader import CHUNK, THREADS
+import dsr1.checkpoint.loader as loader
+from dsr1.bench.measure import Timer
+from dsr1.checkpoint.reader import CHUNK, THREADS, Reader
 
 
 def evict(files: list[Path]) -> str:
@@ -71,3 +75,16 @@ def safetensors_read_rate(files: list[Path], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return total / (time.perf_counter() - t)
+
+
+def time_load(path: Path, device: torch.device, dtype: torch.dtype, gemm: str = "auto", reader: tuple[int, int] | None = None) -> tuple[float, str]:
+    """Seconds dsr1.load_model takes on the checkpoint at `path` (FP8 weights kept) from a cold page cache,
+    and how the cache was emptied. reader: (threads, chunk bytes) for the loader's Reader instead of its defaults."""
+    how = evict(sorted(Path(path).glob("*.safetensors")))
+    default = loader.Reader
+    if reader is not None:
+        loader.Reader = functools.partial(Reader, threads=reader[0], chunk=reader[1])
+    try:
+        return Timer(device)(lambda: loader.load_model(path, device=device, dtype=dtype, fp8=True, progress=False, gemm=gemm)), how
+    finally:
+        loader.Reader = default

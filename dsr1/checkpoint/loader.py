@@ -267,29 +267,30 @@ def copy_weights(ckpt: Checkpoint, specs: list[TensorSpec], model: Transformer, 
     else:  # dequantizing here: each FP8 weight is read with its scale, which may sit in another shard
         by_name = {s.hf_name: s for s in specs}
         groups = [[s, by_name[s.scale_name]] if s.dtype == FP8_DTYPE else [s] for s in specs if not s.is_scale]
-    kept = [len(g) == 1 and _target(model, g[0]).dtype == g[0].dtype for g in groups]
-    direct = [g for g, k in zip(groups, kept) if k]
-    converted = [g for g, k in zip(groups, kept) if not k]
+    targets = [_target(model, g[0]) for g in groups]
+    kept = [len(g) == 1 and t.dtype == g[0].dtype for g, t in zip(groups, targets)]
+    direct = [(g[0], t) for g, t, k in zip(groups, targets, kept) if k]
+    converted = [(g, t) for g, t, k in zip(groups, targets, kept) if not k]
     bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"loading {ckpt.path.name}", disable=not progress)
     with Reader(device) as reader:
-        reader.read([ckpt.read_into(g[0], _target(model, g[0])) for g in direct], bar.update)
+        reader.read([ckpt.read_into(spec, target) for spec, target in direct], bar.update)
         for batch in _batches(converted, CONVERT_BATCH):
-            temps = [[torch.empty(s.shape, dtype=s.dtype, device=device) for s in g] for g in batch]
-            reader.read([ckpt.read_into(s, t) for g, ts in zip(batch, temps) for s, t in zip(g, ts)], bar.update)
-            for g, ts in zip(batch, temps):
-                _target(model, g[0]).copy_(ts[0] if len(g) == 1 else dequantize(ts[0], ts[1], dtype))
+            temps = [[torch.empty(s.shape, dtype=s.dtype, device=device) for s in g] for g, _ in batch]
+            reader.read([ckpt.read_into(s, t) for (g, _), ts in zip(batch, temps) for s, t in zip(g, ts)], bar.update)
+            for (g, target), ts in zip(batch, temps):
+                target.copy_(ts[0] if len(g) == 1 else dequantize(ts[0], ts[1], dtype))
     bar.close()
 
 
-def _batches(groups: list[list[TensorSpec]], limit: int) -> list[list[list[TensorSpec]]]:
-    """Consecutive groups, at most `limit` bytes per batch (a larger group alone)."""
+def _batches(groups: list[tuple[list[TensorSpec], torch.Tensor]], limit: int) -> list[list[tuple[list[TensorSpec], torch.Tensor]]]:
+    """Consecutive (group, target) pairs, at most `limit` bytes of groups per batch (a larger group alone)."""
     batches, size = [[]], 0
-    for g in groups:
-        n = sum(s.nbytes for s in g)
+    for item in groups:
+        n = sum(s.nbytes for s in item[0])
         if batches[-1] and size + n > limit:
             batches.append([])
             size = 0
-        batches[-1].append(g)
+        batches[-1].append(item)
         size += n
     return batches
 
