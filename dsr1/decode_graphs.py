@@ -15,6 +15,12 @@ smallest bucket on a padding row), each MoE layer makes exactly one dispatch (th
 dispatcher's max_tokens, and capture runs under `single_dispatch`), and the ranks capture the same
 buckets in the same order, all of them up front, since capturing runs steps that dispatch.
 
+With `compile`, each decoder block runs through torch.compile (Inductor) inside the graph: the dozens of
+small elementwise, norm, rope and softmax kernels per block fuse into a few (the FP8 matmuls stay the
+w8a16 kernel, an opaque operator to it). One compiled block serves every layer of its kind (dense or MoE)
+at a bucket's shape, so compile time does not grow with depth. Off by default: it costs compile time per
+bucket and rounds differently where it fuses (bf16 intermediates stay fp32 inside a fused kernel).
+
 One process captures a bucket's graph on first use in `prepare(b)`, which must come before the prefill
 that fills the cache: capturing runs the step, which writes cache position 0 of the bucket's rows.
 
@@ -35,13 +41,17 @@ from dsr1.parallel.dispatch import single_dispatch
 from dsr1.parallel.dist import all_reduce_max
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then max_batch itself
+RECOMPILE_LIMIT = 64  # compiled block variants kept per process (dynamo's default, 8, is four buckets' worth)
 AUTO_CACHE_SHARE = 0.25  # --cuda-graphs auto declines when the shared cache would take more of the free GPU memory
 
 
 class DecodeGraphs:
-    def __init__(self, model: Transformer, max_len: int, max_batch: int = BUCKETS[-1], group: ProcessGroup | None = None):
+    def __init__(
+        self, model: Transformer, max_len: int, max_batch: int = BUCKETS[-1], group: ProcessGroup | None = None, compile: bool = False
+    ):
         """Graphs for batches of up to max_batch rows (with a group: the largest over its ranks) and
-        sequences of up to max_len positions; with a group, every bucket is captured here, in lockstep."""
+        sequences of up to max_len positions; with a group, every bucket is captured here, in lockstep.
+        compile: decoder blocks through torch.compile (see the module docstring)."""
         check_capturable(model)
         if group is not None:
             max_batch = all_reduce_max(max_batch, group)
@@ -55,6 +65,7 @@ class DecodeGraphs:
         self.cache = model.new_cache(self.buckets[-1], max_len)  # shared by every bucket: rows [0, B)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}  # bucket B -> its graph
+        self.run_block = compiled_block() if compile else None
         if group is not None:
             for size in self.buckets:
                 self.graphs[size] = self._capture(size)
@@ -92,19 +103,33 @@ class DecodeGraphs:
             logits_at=torch.zeros(size, dtype=torch.long, device=device),  # the one new position
         )
 
-        def run() -> Tensor:
-            return self.model(g.tokens, g.positions, self.cache, logits_at=g.logits_at, n_keys=self.max_len)  # [B, v]
+        def run(run_block=self.run_block) -> Tensor:
+            return self.model(g.tokens, g.positions, self.cache, logits_at=g.logits_at, n_keys=self.max_len, run_block=run_block)  # [B, v]
 
-        with single_dispatch(self.model.dispatcher):
+        # Each bucket and cache length compiles two kinds of block (dense, MoE); past the limit dynamo would
+        # quietly run blocks uncompiled.
+        with single_dispatch(self.model.dispatcher), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
+                run(None)  # eager first: lazily made state (kept dense weights, split-K counters) exists before tracing
                 run()
                 run()
             torch.cuda.current_stream(device).wait_stream(stream)
             with torch.cuda.graph(g.graph, pool=self.pool):
                 g.logits = run()
         return g
+
+
+def compiled_block():
+    """torch.compile'd `_run_block`, for Transformer.forward(run_block=...): static shapes, one compile per
+    kind of block and shape."""
+    return torch.compile(_run_block, dynamic=False)
+
+
+def _run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache) -> Tensor:
+    """One decoder block, as a function of the block: compiled once, it serves every layer of the same kind."""
+    return layer(h, positions, freqs_cis, keep, cache)
 
 
 @dataclass
@@ -140,11 +165,14 @@ def check_capturable(model: Transformer) -> None:
 GRAPH_MODES = ("auto", "on", "off")
 
 
-def make_graphs(model: Transformer, mode: str, max_len: int, max_batch: int, group: ProcessGroup | None = None) -> DecodeGraphs | None:
+def make_graphs(
+    model: Transformer, mode: str, max_len: int, max_batch: int, group: ProcessGroup | None = None, compile: bool = False
+) -> DecodeGraphs | None:
     """--cuda-graphs: `off` decodes eagerly; `on` captures graphs or raises saying why it can't;
     `auto` captures them where the model allows (CUDA, the masked expert kernel, a capturable dispatcher)
     and the shared cache fits. The graphs serve batches of up to max_batch rows and max_len positions.
-    With an EP group the ranks decide together (all graphs or none) and capture together."""
+    With an EP group the ranks decide together (all graphs or none) and capture together.
+    compile (--compile-decode): blocks through torch.compile inside the graphs."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"--cuda-graphs {mode!r} is not one of {GRAPH_MODES}")
     if mode == "off":
@@ -162,7 +190,7 @@ def make_graphs(model: Transformer, mode: str, max_len: int, max_batch: int, gro
         if mode == "on":
             raise ValueError(why)
         return None
-    return DecodeGraphs(model, max_len, max_batch, group)
+    return DecodeGraphs(model, max_len, max_batch, group, compile)
 
 
 def cache_bytes(model: Transformer, batch: int, max_len: int) -> int:

@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode", default="1,8,64", help="decode batch sizes")
     p.add_argument("--dequant-decode", default="1,8", help="decode batch sizes also timed with dsr1's dequant backend ('' for none)")
     p.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="dsr1 decode from CUDA graphs (auto: where the model allows)")
+    p.add_argument("--compile-decode", choices=("on", "off"), default="on", help="with CUDA graphs: decoder blocks through torch.compile")
+    p.add_argument("--uncompiled-decode", default="1,64", help="with --compile-decode on, decode batch sizes also timed from uncompiled graphs ('' for none)")
     p.add_argument("--eager-decode", default="1,64", help="with CUDA graphs, decode batch sizes also timed eagerly ('' for none)")
     p.add_argument("--context", type=int, default=512, help="positions already in the KV cache when decode is timed")
     p.add_argument("--steps", type=int, default=10, help="timed decode steps (dsr1)")
@@ -96,8 +98,9 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
     prompt = check_prompt(args, device)
     use_fp8_gemm(model, backend)
     out["cuda_graphs"] = make_graphs(model, args.cuda_graphs, max_len=1, max_batch=1) is not None  # can this model capture?
-    runner = measure.Dsr1GraphRunner(model) if out["cuda_graphs"] else eager
-    log(f"dsr1 built; FP8 backend {backend.name}, CUDA graphs {out['cuda_graphs']}")
+    out["compiled"] = out["cuda_graphs"] and args.compile_decode == "on"
+    runner = measure.Dsr1GraphRunner(model, compile=out["compiled"]) if out["cuda_graphs"] else eager
+    log(f"dsr1 built; FP8 backend {backend.name}, CUDA graphs {out['cuda_graphs']}, compiled blocks {out['compiled']}")
     logits = eager.logits(prompt).float()
     if backend is not DEQUANT:
         use_fp8_gemm(model, DEQUANT)
@@ -115,6 +118,12 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
 
     out["decode"] = [measure.measure_decode(runner, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer, experts) for b in batches(args.decode)]
     log(f"dsr1 decode: {[round(d['ms_per_step'], 3) for d in out['decode']]} ms")
+    if out["compiled"] and args.uncompiled_decode:
+        uncompiled = measure.Dsr1GraphRunner(model)
+        out["decode_uncompiled"] = [measure.measure_decode(uncompiled, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.uncompiled_decode)]
+        b = max(batches(args.uncompiled_decode))  # fusion rounds differently: one step's logits, compiled vs not
+        out["compiled_vs_uncompiled"] = measure.compare_logits(*(measure.decode_step_logits(r, b, args.context, cfg.vocab_size) for r in (runner, uncompiled)))
+        log(f"dsr1 compiled vs uncompiled decode step: {out['compiled_vs_uncompiled']}")
     if out["cuda_graphs"] and args.eager_decode:
         out["decode_eager"] = [measure.measure_decode(eager, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.eager_decode)]
     if backend is not DEQUANT and args.dequant_decode:
@@ -232,7 +241,10 @@ def table(r: dict) -> str:
         lines.append(f"HF vs dsr1 logits: rel err {c['rel_err']:.2e} (max-abs {c['max_rel_err']:.2e}), greedy tokens agree {c['greedy_agree']:.1%} of {c['positions']}")
     if "error" in hf:
         lines.append(f"HF: {hf['error']}")
-    graphs = ", CUDA graphs" if d.get("cuda_graphs") else ""
+    if "compiled_vs_uncompiled" in d:
+        c = d["compiled_vs_uncompiled"]
+        lines.append(f"dsr1 decode step, compiled vs uncompiled blocks: rel err {c['rel_err']:.2e} (max-abs {c['max_rel_err']:.2e}), greedy tokens agree {c['greedy_agree']:.1%} of {c['positions']}")
+    graphs = (", CUDA graphs" if d.get("cuda_graphs") else "") + (", compiled" if d.get("compiled") else "")
     rows = [("", f"dsr1 ({d['backend']}{graphs})", "HF", "speedup (HF time / dsr1 time)", "floor", "dsr1 / floor")]
     for i, p in enumerate(d["prefill"]):
         h = hf["prefill"][i]["tokens_per_s"] if "prefill" in hf else None
@@ -242,6 +254,8 @@ def table(r: dict) -> str:
         h = hf["decode"][i]["ms_per_step"] if "decode" in hf else None
         rows.append((f"decode b={p['batch']} ms/step", f"{p['ms_per_step']:.2f}", f"{h:.2f}" if h else "-", f"{h / p['ms_per_step']:.2f}" if h else "-",
                      f"{f['ms']:.2f}", f"{p['ms_per_step'] / f['ms']:.2f}"))
+    for p in d.get("decode_uncompiled", []):
+        rows.append((f"decode b={p['batch']} ms/step, graphs uncompiled", f"{p['ms_per_step']:.2f}", "", "", "", ""))
     for p in d.get("decode_eager", []):
         rows.append((f"decode b={p['batch']} ms/step, eager", f"{p['ms_per_step']:.2f}", "", "", "", ""))
     for p in d.get("decode_dequant", []):

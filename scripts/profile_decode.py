@@ -1,7 +1,8 @@
 """Where a decode step's GPU time goes: the kernels of one eager decode step of dsr1, grouped by name,
 with their share of the step's GPU time (torch.profiler). Random FP8 weights built on the GPU.
+--compile runs the decoder blocks through torch.compile, as DecodeGraphs(compile=True) does.
 
-    python scripts/profile_decode.py --config configs/r1-5layer.json --batch 1 64
+    python scripts/profile_decode.py --config configs/r1-5layer.json --batch 1 64 [--compile]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dsr1.bench.measure import Dsr1Runner
 from dsr1.bench.weights import fill_dsr1
 from dsr1.checkpoint.loader import build_model
 from dsr1.config import ModelConfig
+from dsr1.decode_graphs import compiled_block
 from dsr1.model.fp8_gemm import BACKENDS, select_fp8_backend, use_fp8_gemm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--gemm", choices=BACKENDS, default="auto")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--compile", action="store_true", help="decoder blocks through torch.compile")
     args = p.parse_args()
     device = torch.device("cuda")
     cfg = ModelConfig.from_file(args.config)
@@ -35,19 +38,26 @@ def main() -> None:
     fill_dsr1(model, cfg)
     use_fp8_gemm(model, select_fp8_backend(args.gemm, device))
     runner = Dsr1Runner(model)
+    run_block = compiled_block() if args.compile else None
     with torch.inference_mode():
         for b in args.batch:
             cache = runner.decode_cache(b, args.context, 4)
             tokens = torch.randint(0, cfg.vocab_size, (b, 1), device=device)
+            logits_at = torch.zeros(b, dtype=torch.long, device=device)
+
+            def step(pos: int, run_block=run_block) -> None:  # over all cache rows, as a graph does: one shape
+                model(tokens, pos, cache, logits_at=logits_at, n_keys=args.context + 4, run_block=run_block)
+
+            step(args.context, None)  # eager first: kept dense weights exist before tracing
             for pos in range(args.context, args.context + 2):  # warm-up: Triton compiles, cuBLAS picks
-                runner.decode(tokens, pos, cache)
+                step(pos)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                runner.decode(tokens, args.context + 2, cache)
+                step(args.context + 2)
                 torch.cuda.synchronize()
             kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
             total = sum(e.self_device_time_total for e in kernels)
-            print(f"\nbatch {b}: {sum(e.count for e in kernels)} kernels, {total / 1e3:.2f} ms of GPU time in one eager step")
+            print(f"\nbatch {b}: {sum(e.count for e in kernels)} kernels, {total / 1e3:.2f} ms of GPU time in one eager step{' (compiled blocks)' if args.compile else ''}")
             for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.top]:
                 print(f"{e.self_device_time_total / 1e3:8.3f} ms {100 * e.self_device_time_total / total:5.1f}%  x{e.count:<4} {e.key[:110]}")
 

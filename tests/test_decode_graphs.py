@@ -24,8 +24,8 @@ def test_cuda_graphs_on_cpu_say_why_not():
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and Triton")
-@pytest.mark.parametrize("fp8_gemm", ["w8a16", "dequant"])
-def test_graph_decode_matches_eager(fp8_gemm):
+@pytest.mark.parametrize("fp8_gemm,compile", [("w8a16", False), ("w8a16", True), ("dequant", False)])
+def test_graph_decode_matches_eager(fp8_gemm, compile):
     from tests.model.test_fp8_gemm import tiny_fp8_model
 
     model = tiny_fp8_model("cuda", torch.bfloat16)
@@ -36,9 +36,36 @@ def test_graph_decode_matches_eager(fp8_gemm):
         return
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 9, 3)]
-    graphs = DecodeGraphs(model, 64, max_batch=4)
+    graphs = DecodeGraphs(model, 64, max_batch=4, compile=compile)
     for batch in (prompts[:1], prompts[:2], prompts):  # buckets 1 and 2 exactly, 3 rows padded into 4
         eager = generate(model, batch, 12, eos_id=-1)
         replayed = generate(model, batch, 12, eos_id=-1, graphs=graphs)
         assert replayed == eager, len(batch)
     assert sorted(graphs.graphs) == [1, 2, 4]
+
+
+def test_compiled_blocks_trace_whole_and_once_per_kind():
+    """The compiled decode block (DecodeGraphs(compile=True)) traces each block with no graph break, once
+    per kind of block (dense, MoE) for all layers, and computes what the plain block computes."""
+    from dsr1.decode_graphs import _run_block
+    from tests.model.test_fp8_gemm import tiny_fp8_model
+
+    model = tiny_fp8_model("cpu", torch.bfloat16)
+    use_fp8_gemm(model, select_fp8_backend("w8a16", "cpu"))  # the masked expert kernel, as on a GPU (interpreted)
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graphs, run as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_run_block, backend=backend, fullgraph=True, dynamic=False)
+    tokens = torch.randint(2, 512, (2, 1), generator=torch.Generator().manual_seed(0))
+    start = torch.tensor([3, 7])
+    caches = [model.new_cache(2, 16) for _ in range(2)]
+    kinds = {type(layer.ffn).__name__ for layer in model.layers}
+    with torch._dynamo.config.patch(recompile_limit=4):
+        eager = model(tokens, start, caches[0], n_keys=16)
+        got = model(tokens, start, caches[1], n_keys=16, run_block=compiled)
+    assert len(graphs) == len(kinds) == 2 and len(model.layers) > 2
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)

@@ -73,12 +73,12 @@ class Dsr1GraphRunner(Dsr1Runner):
     """Dsr1Runner whose decode steps replay a CUDA graph (dsr1/decode_graphs.py), as generation does on a GPU;
     with an expert-parallel group, every rank captures in lockstep."""
 
-    def __init__(self, model: Transformer, group=None):
+    def __init__(self, model: Transformer, group=None, compile: bool = False):
         super().__init__(model)
-        self.group = group
+        self.group, self.compile = group, compile
 
     def decode_cache(self, batch: int, context: int, steps: int):
-        self.graphs = DecodeGraphs(self.model, context + steps, max_batch=batch, group=self.group)
+        self.graphs = DecodeGraphs(self.model, context + steps, max_batch=batch, group=self.group, compile=self.compile)
         cache = self.graphs.prepare(batch)  # captured before the cache is filled: capture writes position 0
         fill_cache(cache, context)
         return cache
@@ -152,6 +152,15 @@ def measure_decode(runner, batch: int, context: int, steps: int, warmup: int, vo
     if after is not None:
         out["after"] = after(tokens, pos, cache)
     return out
+
+
+def decode_step_logits(runner, batch: int, context: int, vocab: int, seed: int = 0) -> Tensor:
+    """Logits [batch, v] of one decode step at position `context` over a seeded random cache: the same
+    inputs for any runner, so two runners' results compare."""
+    torch.manual_seed(seed)
+    cache = runner.decode_cache(batch, context, 1)
+    tokens = torch.randint(0, vocab, (batch, 1), device=runner.device)
+    return runner.decode(tokens, context, cache).float()
 
 
 def experts_per_layer(model: Transformer, tokens: Tensor, pos: int, cache) -> list[int]:

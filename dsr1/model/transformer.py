@@ -115,6 +115,7 @@ class Transformer(nn.Module):
         logits_at: Tensor | None = None,
         return_hidden: bool = False,
         n_keys: int | None = None,
+        run_block=None,
     ):
         """tokens: [b, s] at positions start_pos + [0, s) (start_pos: int or [b]).
 
@@ -125,6 +126,8 @@ class Transformer(nn.Module):
         `return_hidden`, also the final-normed hidden states ([b, s, m], the MTP block's input).
         `n_keys` fixes the cache rows attended over (masked past each position): by default the largest
         position sets it, which reads that position back to the host; a CUDA graph passes the cache length.
+        `run_block(layer, h, positions, freqs_cis, keep, cache)` runs each decoder block instead of a plain
+        call (DecodeGraphs passes a torch.compile'd one).
         """
         b, s = tokens.shape
         positions = self.positions(tokens, start_pos, n_keys is None)  # [b, s]
@@ -132,7 +135,8 @@ class Transformer(nn.Module):
         freqs_cis = self.freqs_cis[positions]  # [b, s, r/2]
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, freqs_cis, keep, None if cache is None else cache[i])
+            layer_cache = None if cache is None else cache[i]
+            h = layer(h, positions, freqs_cis, keep, layer_cache) if run_block is None else run_block(layer, h, positions, freqs_cis, keep, layer_cache)
         if return_hidden:
             h = self.norm(h)  # all positions normed: the MTP block's input
         out = h if logits_at is None else h[torch.arange(b, device=h.device), logits_at]  # [b, s, m] or [b, m]

@@ -135,15 +135,23 @@ def grouped_linear(
     experts [L] (optional, with counts): distinct expert ids holding every expert with rows (active_experts):
     the kernel is launched for those L only, instead of all e."""
     x, x_scale = (x.data, x.scales) if isinstance(x, FP8Rows) else (x, None)
+    cfg = {**launch_config(x.shape[1], x.shape[2], counts is not None), **(config or {})}
+    if BLOCK % cfg["BLOCK_N"]:
+        raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide the scale block {BLOCK}: a weight tile must sit in one scale block")
+    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(weight.shape[1], cfg["BLOCK_N"]), counts is not None)
+    return torch.ops.dsr1.w8a16(x, x_scale, weight, scale, counts, experts, cfg["BLOCK_M"], cfg["BLOCK_N"], split_k, cfg["num_warps"], cfg["num_stages"])
+
+
+@torch.library.custom_op("dsr1::w8a16", mutates_args=())
+def _launch(
+    x: Tensor, x_scale: Tensor | None, weight: Tensor, scale: Tensor | None, counts: Tensor | None, experts: Tensor | None,
+    block_m: int, block_n: int, split_k: int, num_warps: int, num_stages: int,
+) -> Tensor:  # fmt: skip
+    """grouped_linear's kernel launch, an opaque operator to torch.compile (which fuses the code around it)."""
     e, m, k = x.shape
     n = weight.shape[1]
-    cfg = {**launch_config(m, k, counts is not None), **(config or {})}
-    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], BLOCK
-    if BLOCK % block_n:
-        raise ValueError(f"BLOCK_N={block_n} must divide the scale block {BLOCK}: a weight tile must sit in one scale block")
     n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
-    k_splits = min(cfg.get("SPLIT_K") or default_k_splits(m, n_tiles, counts is not None), triton.cdiv(k, block_k))
-    k_per_split = triton.cdiv(triton.cdiv(k, k_splits), block_k) * block_k
+    k_per_split = triton.cdiv(triton.cdiv(k, min(split_k, triton.cdiv(k, BLOCK))), BLOCK) * BLOCK
     k_splits = triton.cdiv(k, k_per_split)
     out = torch.empty(e, m, n, dtype=torch.bfloat16, device=x.device)
     part = torch.empty(k_splits, e, m, n, dtype=torch.float32, device=x.device) if k_splits > 1 else out  # fp32 partial sums
@@ -155,9 +163,14 @@ def grouped_linear(
         *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), *out.stride(), *_part_strides(part),
         HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, HAS_EXPERTS=experts is not None,
         SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=k_splits, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SPLITS=k_splits, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+@_launch.register_fake
+def _(x: Tensor, x_scale, weight: Tensor, *args) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[1], dtype=torch.bfloat16)
 
 
 def active_experts(counts: Tensor, bound: int) -> Tensor:

@@ -104,6 +104,7 @@ class DeepEPLowLatencyDispatcher:
     def chunks(self, n_tokens: int) -> list[tuple[int, int]]:
         return ep_chunks(n_tokens, self.max_tokens, self.group, self.one_chunk)
 
+    @torch.compiler.disable  # DeepEP's C++ buffer is opaque to torch.compile (compiled decode blocks break here)
     def dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Any]:
         check_chunk(x.shape[0], self.max_tokens)
         check_top_k(expert_ids.shape[1])
@@ -118,6 +119,7 @@ class DeepEPLowLatencyDispatcher:
         handle = _LLHandle(native, physical_ids, weights.float().contiguous(), x.dtype)
         return recv, counts, handle
 
+    @torch.compiler.disable
     def combine(self, y: Tensor, handle: Any) -> Tensor:
         out, _, _ = self.buffer.low_latency_combine(
             y.to(torch.bfloat16).contiguous(), handle.physical_ids, handle.weights, handle.native
