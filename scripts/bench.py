@@ -121,9 +121,13 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
     if out["compiled"] and args.uncompiled_decode:
         uncompiled = measure.Dsr1GraphRunner(model)
         out["decode_uncompiled"] = [measure.measure_decode(uncompiled, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.uncompiled_decode)]
-        b = max(batches(args.uncompiled_decode))  # fusion rounds differently: one step's logits, compiled vs not
-        out["compiled_vs_uncompiled"] = measure.compare_logits(*(measure.decode_step_logits(r, b, args.context, cfg.vocab_size) for r in (runner, uncompiled)))
-        log(f"dsr1 compiled vs uncompiled decode step: {out['compiled_vs_uncompiled']}")
+        # Fusion rounds differently: one step's logits, compiled vs not, next to eager vs graphs (the same
+        # uncompiled code, over a different key range: the bf16 noise of the step).
+        b = max(batches(args.uncompiled_decode))
+        compiled_step, graph_step, eager_step = (measure.decode_step_logits(r, b, args.context, cfg.vocab_size) for r in (runner, uncompiled, eager))
+        out["compiled_vs_uncompiled"] = measure.compare_logits(compiled_step, graph_step)
+        out["eager_vs_uncompiled"] = measure.compare_logits(eager_step, graph_step)
+        log(f"dsr1 decode step, compiled vs uncompiled graphs: {out['compiled_vs_uncompiled']}; eager vs uncompiled graphs: {out['eager_vs_uncompiled']}")
     if out["cuda_graphs"] and args.eager_decode:
         out["decode_eager"] = [measure.measure_decode(eager, b, args.context, args.steps, args.warmup, cfg.vocab_size, timer) for b in batches(args.eager_decode)]
     if backend is not DEQUANT and args.dequant_decode:
@@ -243,7 +247,9 @@ def table(r: dict) -> str:
         lines.append(f"HF: {hf['error']}")
     if "compiled_vs_uncompiled" in d:
         c = d["compiled_vs_uncompiled"]
-        lines.append(f"dsr1 decode step, compiled vs uncompiled blocks: rel err {c['rel_err']:.2e} (max-abs {c['max_rel_err']:.2e}), greedy tokens agree {c['greedy_agree']:.1%} of {c['positions']}")
+        e = d["eager_vs_uncompiled"]
+        lines.append(f"dsr1 decode step vs uncompiled graphs: compiled blocks rel err {c['rel_err']:.2e} (max-abs {c['max_rel_err']:.2e}), greedy tokens agree "
+                     f"{c['greedy_agree']:.1%} of {c['positions']}; eager (noise floor) {e['rel_err']:.2e} ({e['max_rel_err']:.2e}), {e['greedy_agree']:.1%}")
     graphs = (", CUDA graphs" if d.get("cuda_graphs") else "") + (", compiled" if d.get("compiled") else "")
     rows = [("", f"dsr1 ({d['backend']}{graphs})", "HF", "speedup (HF time / dsr1 time)", "floor", "dsr1 / floor")]
     for i, p in enumerate(d["prefill"]):

@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = the model's own routing")
     p.add_argument("--gemm", choices=BACKENDS, default="auto", help="FP8 matmul backend")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default="on", help="replay deepep_ll's decode steps from CUDA graphs")
+    p.add_argument("--compile-decode", choices=("on", "off"), default="off",
+                   help="with CUDA graphs, decoder blocks through torch.compile (off by default: each configuration compiles anew)")
     p.add_argument("--context", type=int, default=512, help="positions already in the KV cache")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -82,13 +84,13 @@ def main() -> None:
         graphs = args.cuda_graphs == "on" and device.type == "cuda" and dispatcher.capturable
         for skew, batch in itertools.product(args.skew, args.batch):
             set_skew(model, cfg, skew, base)
-            runner = Dsr1GraphRunner(model, group) if graphs else Dsr1Runner(model)
+            runner = Dsr1GraphRunner(model, group, compile=args.compile_decode == "on") if graphs else Dsr1Runner(model)
             with torch.inference_mode():
                 d = measure_decode(runner, batch, args.context, args.steps, args.warmup, cfg.vocab_size, timer)
             ms = torch.tensor([d["ms_per_step"]], device=device)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the ranks step together: the slowest sets the pace
             rows.append({"all2all": all2all, "fp8_dispatch": fp8, "placement": strategy, "skew": skew, "batch_per_rank": batch,
-                         "cuda_graphs": graphs, "ms_per_step": ms.item(), "tokens_per_s": world * batch * 1e3 / ms.item()})
+                         "cuda_graphs": graphs, "compiled": graphs and args.compile_decode == "on", "ms_per_step": ms.item(), "tokens_per_s": world * batch * 1e3 / ms.item()})
             del runner
         del model, dispatcher
         if device.type == "cuda":
@@ -96,13 +98,13 @@ def main() -> None:
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     log_rank0(f"EP={world}, {args.config}, {card}; decode with {args.context} cached positions, slowest rank, mean of {args.steps} steps")
-    log_rank0(f"{'all2all':<10} {'fp8':<4} {'placement':<12} {'skew':>5} {'batch/rank':>10} {'graphs':<6} {'ms/step':>9} {'tokens/s':>10} {'torch / this':>12}")
+    log_rank0(f"{'all2all':<10} {'fp8':<4} {'placement':<12} {'skew':>5} {'batch/rank':>10} {'graphs':<6} {'compiled':<8} {'ms/step':>9} {'tokens/s':>10} {'torch / this':>12}")
     same = ("placement", "skew", "batch_per_rank")
     for r in rows:
         peer = next((b for b in rows if b["all2all"] == "torch" and all(b[k] == r[k] for k in same)), None)
         vs_torch = f"{peer['ms_per_step'] / r['ms_per_step']:>12.2f}" if peer else f"{'-':>12}"
         log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['placement']:<12} {r['skew']:>5g} {r['batch_per_rank']:>10} "
-                  f"{str(r['cuda_graphs']):<6} {r['ms_per_step']:>9.2f} {r['tokens_per_s']:>10.0f} {vs_torch}")
+                  f"{str(r['cuda_graphs']):<6} {str(r['compiled']):<8} {r['ms_per_step']:>9.2f} {r['tokens_per_s']:>10.0f} {vs_torch}")
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump({"ep": world, "device": card, "config": args.config, "rows": rows}, f, indent=1)
