@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--gemm", choices=BACKENDS, default="auto")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--compile", action="store_true", help="decoder blocks through torch.compile")
+    p.add_argument("--calls", default=None, help="also list each call of the kernels whose name contains this, in launch order")
     args = p.parse_args()
     device = torch.device("cuda")
     cfg = ModelConfig.from_file(args.config)
@@ -60,6 +61,9 @@ def main() -> None:
             print(f"\nbatch {b}: {sum(e.count for e in kernels)} kernels, {total / 1e3:.2f} ms of GPU time in one eager step{' (compiled blocks)' if args.compile else ''}")
             for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.top]:
                 print(f"{e.self_device_time_total / 1e3:8.3f} ms {100 * e.self_device_time_total / total:5.1f}%  x{e.count:<4} {e.key[:110]}")
+            if args.calls:
+                calls = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and args.calls in e.name), key=lambda e: e.time_range.start)
+                print(f"each {args.calls} call (us): " + " ".join(f"{e.device_time_total:.1f}" for e in calls))
 
 
 if __name__ == "__main__":
