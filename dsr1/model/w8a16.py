@@ -42,6 +42,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DENSE_MAX_ROWS = 256  # the W8A16 backend sends dense products with more rows to dequant (dsr1/model/fp8_gemm.py)
 TARGET_PROGRAMS = 264  # two waves on H100/H200's 132 SMs: below that a dense decode matmul splits K
 MATVEC_PROGRAMS = 1056  # a matrix-vector product's programs each stream less: eight per SM
+MIN_SPLIT_BLOCKS = 1  # K blocks a split streams at least
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -138,7 +139,7 @@ def grouped_linear(
     cfg = {**launch_config(x.shape[1], x.shape[2], counts is not None), **(config or {})}
     if BLOCK % cfg["BLOCK_N"]:
         raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide the scale block {BLOCK}: a weight tile must sit in one scale block")
-    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(weight.shape[1], cfg["BLOCK_N"]), counts is not None)
+    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(weight.shape[1], cfg["BLOCK_N"]), counts is not None, triton.cdiv(x.shape[2], BLOCK))
     return torch.ops.dsr1.w8a16(x, x_scale, weight, scale, counts, experts, cfg["BLOCK_M"], cfg["BLOCK_N"], split_k, cfg["num_warps"], cfg["num_stages"])
 
 
@@ -215,13 +216,14 @@ def launch_config(m: int, k: int, grouped: bool) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 3}
 
 
-def default_k_splits(m: int, n_tiles: int, grouped: bool) -> int:
-    """K splits of a dense product with few N tiles, so the GPU has enough programs; by N (and whether M is
-    one row) only, so a row's result does not depend on how many rows share its call. A grouped call's
-    active experts are known on the device only: no split."""
+def default_k_splits(m: int, n_tiles: int, grouped: bool, k_blocks: int) -> int:
+    """K splits of a dense product with few N tiles, so the GPU has enough programs, each still streaming at
+    least MIN_SPLIT_BLOCKS K blocks; by N, K (and whether M is one row) only, so a row's result does not
+    depend on how many rows share its call. A grouped call's active experts are known on the device only:
+    no split."""
     if grouped:
         return 1
-    return max(1, (MATVEC_PROGRAMS if m == 1 else TARGET_PROGRAMS) // n_tiles)
+    return max(1, min((MATVEC_PROGRAMS if m == 1 else TARGET_PROGRAMS) // n_tiles, k_blocks // MIN_SPLIT_BLOCKS))
 
 
 def _part_strides(part: Tensor) -> tuple[int, ...]:
