@@ -52,7 +52,11 @@ def precompute_freqs_cis(cfg: ModelConfig, max_len: int) -> Tensor:
 
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """x: [b, s, h, r] (interleaved pairs), freqs_cis: [b, s, r/2] -> [b, s, h, r] in x's dtype."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [b, s, h, r/2]
-    out = torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(-2)
-    return out.to(x.dtype)
+    """x: [b, s, h, r] (interleaved pairs), freqs_cis: [b, s, r/2] -> [b, s, h, r] in x's dtype.
+
+    Each pair (x_re, x_im) times cis = (cos, sin): the complex product written out in real arithmetic, which
+    torch.compile fuses into one kernel (it leaves complex tensors to eager kernels)."""
+    x_re, x_im = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [b, s, h, r/2] each
+    cos, sin = torch.view_as_real(freqs_cis).unsqueeze(2).unbind(-1)  # [b, s, 1, r/2] each
+    out = torch.stack([x_re * cos - x_im * sin, x_re * sin + x_im * cos], dim=-1)  # [b, s, h, r/2, 2]
+    return out.flatten(-2).to(x.dtype)
