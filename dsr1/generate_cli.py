@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-seq-len", type=int, help="longest prompt + generation the model accepts; default max_position_embeddings")
     model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
                        "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
+    model.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
+                       "(same function, about 25%% faster at batch 1 on H200; costs a compile per batch bucket at the start)")
 
     prompts = p.add_argument_group("prompts (default: the built-in prompt)")
     prompts.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
     prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
     longest = model.max_seq_len if args.interactive else max(map(len, prompt_ids)) + args.max_new_tokens
-    sampling["graphs"] = make_graphs(model, args.cuda_graphs, min(longest, model.max_seq_len), max(len(mine), 1), group)
+    sampling["graphs"] = make_graphs(model, args.cuda_graphs, min(longest, model.max_seq_len), max(len(mine), 1), group, args.compile_decode)
     if args.interactive:
         chat_loop(model, tokenizer, sampling)
         return

@@ -47,7 +47,8 @@ class DSR1LM(TemplateLM):
     none), think_end_token / strip_thinking=True (score only the text after the last `</think>`; stop
     strings then only count after it), fp8 (keep FP8 weights in memory), attn_impl, and the
     expert-parallel flags ep, expert_placement, all2all, and cuda_graphs (auto|on|off: decode steps from
-    CUDA graphs over a cache of max_length x batch_size, where the run allows it). batch_size,
+    CUDA graphs over a cache of max_length x batch_size, where the run allows it) and compile_decode=True
+    (their decoder blocks through torch.compile: the same function, faster). batch_size,
     max_batch_size and device come from lm-eval's own flags.
     """
 
@@ -68,6 +69,7 @@ class DSR1LM(TemplateLM):
         expert_placement: str | None = None,
         all2all: str | None = None,
         cuda_graphs: str = "auto",
+        compile_decode: bool = False,
         **unknown,
     ):
         super().__init__()
@@ -87,7 +89,7 @@ class DSR1LM(TemplateLM):
         load_kwargs = dict(device=self._device, dtype=DTYPES[dtype], fp8=fp8, attn_impl=attn_impl, max_seq_len=self._max_length, progress=is_rank0())
         # Under torchrun (ep > 1) every rank runs this, then the same requests in lockstep.
         self.model, self.group = load_ep_model(ckpt_path, int(ep), expert_placement, all2all, **load_kwargs)
-        self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size, self.group)
+        self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size, self.group, bool(compile_decode))
 
     # -- what lm-eval reads -------------------------------------------------------------------------
 
