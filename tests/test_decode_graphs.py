@@ -74,8 +74,9 @@ def test_compiled_blocks_trace_whole_and_once_per_kind():
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and Triton")
 def test_compiled_graph_decode_is_as_accurate_as_eager():
-    """Compiled blocks round differently (a fused kernel keeps fp32 between the ops it fuses), so their bf16
-    logits differ from eager bf16's; they must stay as close to the fp32 model's."""
+    """Compiled blocks must stay as close to the fp32 model's logits as eager bf16 is. Inductor's default
+    (fp32 kept between fused ops where eager rounds) moved them 7x further on an H200; compiled_block asks
+    it to round where eager rounds (fused reductions may still sum in another order)."""
     from dsr1.bench.measure import Dsr1GraphRunner, Dsr1Runner, compare_logits, decode_step_logits
     from tests.model.test_fp8_gemm import tiny_fp8_model
 
