@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dsr1.config import ModelConfig
-from dsr1.model.linear import Linear
+from dsr1.model.linear import Linear, linear_pair
 from dsr1.model.norm import RMSNorm
 from dsr1.model.rope import apply_rotary_emb
 
@@ -80,11 +80,15 @@ class MLA(nn.Module):
         without a cache the keys are this call's own s tokens, with one they are cache rows [0, t).
         """
         b, s, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        if hasattr(self, "wq_a"):
+            q_a, kv_a = linear_pair(x, self.wq_a, self.wkv_a)  # two projections of x, one launch where the backend can
+            q = self.wq_b(self.q_norm(q_a))
+        else:
+            q, kv_a = self.wq(x), self.wkv_a(x)
         q = q.view(b, s, self.n_heads, self.nope_dim + self.rope_dim)  # [b, s, h, d + r]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs_cis)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, c], [b, s, r]
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, c], [b, s, r]
         kv = self.kv_norm(kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # one rope key shared by all heads
         n_keys = keep.shape[-1]

@@ -136,9 +136,19 @@ class W8A16:
     keeps_dense = True  # MLA's wkv_b, used outside a matmul, is dequantized once and kept
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-        if not w8a16.available(x.device, x.dtype) or x.numel() > w8a16.DENSE_MAX_ROWS * x.shape[-1]:
+        if not self._kernel(x):
             return DEQUANT.linear(x, weight, scale)
         return w8a16.linear(x, weight, scale)
+
+    def linear_pair(self, x: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """x @ W1.T and x @ W2.T (weight, scale each): one kernel launch for both (two small products pay one
+        launch's fixed cost; w8a16.grouped_linear's `second`)."""
+        if not self._kernel(x):
+            return DEQUANT.linear(x, *first), DEQUANT.linear(x, *second)
+        return w8a16.linear(x, *first, second=second).split([first[0].shape[0], second[0].shape[0]], dim=-1)
+
+    def _kernel(self, x: Tensor) -> bool:
+        return w8a16.available(x.device, x.dtype) and x.numel() <= w8a16.DENSE_MAX_ROWS * x.shape[-1]
 
 
 DEQUANT = Dequant()

@@ -47,3 +47,12 @@ class Linear(nn.Module):
         if self.scale is None:
             return F.linear(x, self.weight.to(x.dtype))
         return self.gemm.linear(x, self.weight, self.scale)
+
+
+def linear_pair(x: Tensor, first: Linear, second: Linear) -> tuple[Tensor, Tensor]:
+    """(first(x), second(x)): two FP8 projections of one input (gate and up; wq_a and wkv_a), computed in one
+    launch where the backend can (W8A16.linear_pair), else one after the other. The same function either way."""
+    both_fp8 = first.scale is not None and second.scale is not None
+    if both_fp8 and first.gemm is second.gemm and hasattr(first.gemm, "linear_pair"):
+        return first.gemm.linear_pair(x, (first.weight, first.scale), (second.weight, second.scale))
+    return first(x), second(x)

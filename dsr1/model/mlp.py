@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
 from dsr1.model import w8a16
 from dsr1.model.fp8_gemm import DEQUANT
-from dsr1.model.linear import Linear
+from dsr1.model.linear import Linear, linear_pair
 from dsr1.parallel.fp8_rows import FP8Rows
 
 
@@ -25,7 +25,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., m] -> [..., m]."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linear_pair(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 class GroupedExperts(nn.Module):
@@ -102,10 +103,12 @@ class GroupedExperts(nn.Module):
     def _masked(self, x: Tensor | FP8Rows, counts: Tensor, max_active: int | None) -> Tensor:
         experts = w8a16.active_experts(counts, max_active) if max_active is not None and max_active < self.n_local else None
 
-        def mm(a: Tensor | FP8Rows, name: str) -> Tensor:  # a [e, M, in] -> [e, M, out] bf16, valid rows only
-            return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts, experts=experts)
+        def mm(a: Tensor | FP8Rows, name: str, second: str | None = None) -> Tensor:  # [e, M, in] -> [e, M, out], valid rows only
+            pair = None if second is None else (getattr(self, second), getattr(self, f"{second}_scale"))
+            return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts, experts=experts, second=pair)
 
-        return mm(F.silu(mm(x, "w1")) * mm(x, "w3"), "w2")
+        gate, up = mm(x, "w1", second="w3").split([self.w1.shape[1], self.w3.shape[1]], dim=-1)  # one launch for both
+        return mm(F.silu(gate) * up, "w2")
 
     def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
         valid = torch.arange(x.shape[1], device=x.device) < counts.unsqueeze(1)  # [e, M]

@@ -54,10 +54,10 @@ if triton is not None:
 
     @triton.jit
     def _w8a16_kernel(
-        x_ptr, xs_ptr, w_ptr, s_ptr, counts_ptr, experts_ptr, out_ptr, part_ptr, arrived_ptr,
-        M, N, K, k_per_split,
-        sxe, sxm, sxk, sxse, sxsm, sxsk, swe, swn, swk, sse, ssn, ssk, soe, som, son, spe, sps, spm, spn,
-        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_EXPERTS: tl.constexpr,
+        x_ptr, xs_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, counts_ptr, experts_ptr, out_ptr, part_ptr, arrived_ptr,
+        M, N, N1, K, k_per_split,
+        sxe, sxm, sxk, sxse, sxsm, sxsk, swe, swn, swk, sse, ssn, ssk, sw2e, ss2e, soe, som, son, spe, sps, spm, spn,
+        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_EXPERTS: tl.constexpr, PAIRED: tl.constexpr,
         SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -66,12 +66,22 @@ if triton is not None:
             e = tl.load(experts_ptr + e).to(tl.int64)
         rows = tl.load(counts_ptr + e) if HAS_COUNTS else M
         if pid_m * BLOCK_M < rows:  # row tiles past this expert's count (all of an unused expert's) do nothing
+            # this tile's first output column and first weight row, the columns it may write, and its weight
+            row0, col0, n_end, w_base, s_base = pid_n * BLOCK_N, pid_n * BLOCK_N, N, w_ptr + e * swe, s_ptr + e * sse
+            if PAIRED:  # output columns [0, N1) are the first weight's rows, [N1, N) the second's
+                first_tiles = tl.cdiv(N1, BLOCK_N)
+                if pid_n < first_tiles:
+                    n_end = N1
+                else:
+                    row0 = (pid_n - first_tiles) * BLOCK_N
+                    col0, w_base, s_base = N1 + row0, w2_ptr + e * sw2e, s2_ptr + e * ss2e
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+            offs_n = col0 + tl.arange(0, BLOCK_N)  # [BN] output columns
             offs_k = tl.arange(0, BLOCK_K)  # [BK]
-            m_ok, n_ok = offs_m < rows, offs_n < N
+            m_ok, n_ok = offs_m < rows, offs_n < n_end
             x_ptrs = x_ptr + e * sxe + offs_m[:, None] * sxm + offs_k[None, :] * sxk  # [BM, BK]
-            w_ptrs = w_ptr + e * swe + offs_n[:, None] * swn + offs_k[None, :] * swk  # [BN, BK]
+            w_ptrs = w_base + (row0 + tl.arange(0, BLOCK_N))[:, None] * swn + offs_k[None, :] * swk  # [BN, BK]
+            s_ptrs = s_base + (row0 // SCALE_BLOCK) * ssn  # the tile's row of scale blocks (BLOCK_N divides 128)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_nk = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # one row: products summed along K at the end
             k_start = split * k_per_split
@@ -86,8 +96,10 @@ if triton is not None:
                     x = _round_to_bf16(x) if INTERPRETED else x.to(tl.bfloat16)
                 w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 scale = 1.0
-                if HAS_SCALE:  # the tile lies in one 128x128 scale block (BLOCK_K = 128, BLOCK_N divides 128)
-                    scale = tl.load(s_ptr + e * sse + (pid_n * BLOCK_N // SCALE_BLOCK) * ssn + (k // SCALE_BLOCK) * ssk, mask=k < K, other=0.0)
+                if HAS_SCALE and BLOCK_K > SCALE_BLOCK:  # one row, K tiles of several scale blocks: a scale per column
+                    scale = tl.load(s_ptrs + ((k + offs_k) // SCALE_BLOCK) * ssk, mask=k_ok, other=0.0)[None, :]  # [1, BK]
+                elif HAS_SCALE:  # the tile lies in one 128x128 scale block (BLOCK_N divides 128)
+                    scale = tl.load(s_ptrs + (k // SCALE_BLOCK) * ssk, mask=k < K, other=0.0)
                 if BLOCK_M == 1:  # one row: a matrix-vector product in fp32 FMAs, no tensor cores, no shared-memory round trip
                     acc_nk += w.to(tl.float32) * (x.to(tl.float32) * scale)  # [BN, BK] * [1, BK]
                 elif INTERPRETED:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
@@ -128,50 +140,67 @@ def grouped_linear(
     counts: Tensor | None = None,
     config: dict | None = None,
     experts: Tensor | None = None,
+    second: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """x [e, M, K] bf16 (or FP8Rows: e4m3 with 1x128 scales, as DeepEP's FP8 dispatch delivers them, dequantized
     in the kernel exactly as FP8Rows.dequantize does) times each expert's weight [e, N, K] (e4m3 with scale
     [e, ceil(N/128), ceil(K/128)], or bf16 with scale None) -> [e, M, N] bf16. With counts [e], only rows
     [0, counts[j]) of expert j are computed; the rest of the output is left as torch.empty made it.
     experts [L] (optional, with counts): distinct expert ids holding every expert with rows (active_experts):
-    the kernel is launched for those L only, instead of all e."""
+    the kernel is launched for those L only, instead of all e.
+    second (weight2 [e, N2, K], scale2): a second product of the same x in the same launch (gate and up, or
+    wq_a and wkv_a, are one launch, not two): the result is [e, M, N + N2], x @ weight.T then x @ weight2.T,
+    each column computed as it would be alone with the same launch config."""
     x, x_scale = (x.data, x.scales) if isinstance(x, FP8Rows) else (x, None)
-    cfg = {**launch_config(x.shape[1], x.shape[2], counts is not None), **(config or {})}
-    if BLOCK % cfg["BLOCK_N"]:
-        raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide the scale block {BLOCK}: a weight tile must sit in one scale block")
-    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(weight.shape[1], cfg["BLOCK_N"]), counts is not None, triton.cdiv(x.shape[2], BLOCK))
-    return torch.ops.dsr1.w8a16(x, x_scale, weight, scale, counts, experts, cfg["BLOCK_M"], cfg["BLOCK_N"], split_k, cfg["num_warps"], cfg["num_stages"])
+    weight2, scale2 = second or (None, None)
+    n1 = weight.shape[1]
+    n = n1 + (0 if weight2 is None else weight2.shape[1])
+    cfg = {**launch_config(x.shape[1], n, x.shape[2], counts is not None), **(config or {})}
+    block_k = cfg.get("BLOCK_K", BLOCK)
+    if BLOCK % cfg["BLOCK_N"] or block_k % BLOCK or (block_k > BLOCK and cfg["BLOCK_M"] > 1):
+        raise ValueError(f"w8a16 config {cfg}: BLOCK_N must divide the scale block {BLOCK} (a weight tile sits in one scale block), "
+                         f"BLOCK_K must be a multiple of it, and more than {BLOCK} only with BLOCK_M 1")
+    if weight2 is not None and (weight2.shape[0] != weight.shape[0] or weight2.shape[2] != weight.shape[2] or (scale is None) != (scale2 is None)):
+        raise ValueError(f"w8a16: a paired product needs both weights [e, N, K] with the same e and K (got {tuple(weight.shape)} "
+                         f"and {tuple(weight2.shape)}), both FP8 or neither")
+    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(n, cfg["BLOCK_N"]), counts is not None, triton.cdiv(x.shape[2], block_k))
+    return torch.ops.dsr1.w8a16(
+        x, x_scale, weight, scale, weight2, scale2, counts, experts, cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k, cfg["num_warps"], cfg["num_stages"]
+    )  # fmt: skip
 
 
 @torch.library.custom_op("dsr1::w8a16", mutates_args=())
 def _launch(
-    x: Tensor, x_scale: Tensor | None, weight: Tensor, scale: Tensor | None, counts: Tensor | None, experts: Tensor | None,
-    block_m: int, block_n: int, split_k: int, num_warps: int, num_stages: int,
+    x: Tensor, x_scale: Tensor | None, weight: Tensor, scale: Tensor | None, weight2: Tensor | None, scale2: Tensor | None,
+    counts: Tensor | None, experts: Tensor | None, block_m: int, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
 ) -> Tensor:  # fmt: skip
     """grouped_linear's kernel launch, an opaque operator to torch.compile (which fuses the code around it)."""
     e, m, k = x.shape
-    n = weight.shape[1]
-    n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
-    k_per_split = triton.cdiv(triton.cdiv(k, min(split_k, triton.cdiv(k, BLOCK))), BLOCK) * BLOCK
+    n1 = weight.shape[1]
+    n = n1 + (0 if weight2 is None else weight2.shape[1])
+    n_tiles, m_tiles = triton.cdiv(n1, block_n) + triton.cdiv(n - n1, block_n), triton.cdiv(m, block_m)  # a pair: each weight's own tiles
+    k_per_split = triton.cdiv(triton.cdiv(k, min(split_k, triton.cdiv(k, block_k))), block_k) * block_k
     k_splits = triton.cdiv(k, k_per_split)
     out = torch.empty(e, m, n, dtype=torch.bfloat16, device=x.device)
     part = torch.empty(k_splits, e, m, n, dtype=torch.float32, device=x.device) if k_splits > 1 else out  # fp32 partial sums
     arrived = _arrival_counters(x.device, n_tiles * m_tiles * e) if k_splits > 1 else out  # tiles numbered by expert id
     slots = e if experts is None else experts.numel()
     _w8a16_kernel[(n_tiles, m_tiles, slots * k_splits)](
-        x, _or(x_scale, x), weight, _or(scale, weight), _or(counts, x), _or(experts, x), out, part, arrived,  # unused pointers: any tensor
-        m, n, k, k_per_split,
-        *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), *out.stride(), *_part_strides(part),
+        x, _or(x_scale, x), weight, _or(scale, weight), _or(weight2, weight), _or(scale2, _or(scale, weight)),  # unused pointers: any tensor
+        _or(counts, x), _or(experts, x), out, part, arrived,
+        m, n, n1, k, k_per_split,
+        *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), _or(weight2, weight).stride(0), _strides(_or(scale2, scale))[0],
+        *out.stride(), *_part_strides(part),
         HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, HAS_EXPERTS=experts is not None,
-        SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, SPLITS=k_splits, num_warps=num_warps, num_stages=num_stages,
+        PAIRED=weight2 is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=k_splits, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
 
 @_launch.register_fake
-def _(x: Tensor, x_scale, weight: Tensor, *args) -> Tensor:
-    return x.new_empty(x.shape[0], x.shape[1], weight.shape[1], dtype=torch.bfloat16)
+def _(x: Tensor, x_scale, weight: Tensor, scale, weight2: Tensor | None, *args) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[1] + (0 if weight2 is None else weight2.shape[1]), dtype=torch.bfloat16)
 
 
 def active_experts(counts: Tensor, bound: int) -> Tensor:
@@ -202,28 +231,33 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else t.stride()
 
 
-def launch_config(m: int, k: int, grouped: bool) -> dict:
-    """Tile sizes and launch settings for M rows of K features (per expert when grouped: the counts stay on
-    the device, so a grouped call is tiled for the few rows a decode step routes to each expert). From
-    scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): one row is a matrix-vector product (BLOCK_M 1);
-    wide N tiles for the experts and the long-K dense products. A "SPLIT_K" key overrides default_k_splits."""
-    if m == 1:  # a batch-1 step's experts (8 of them, listed) with long rows: wider tiles, two K splits
-        if grouped and k >= 4096:
+def launch_config(m: int, n: int, k: int, grouped: bool) -> dict:
+    """Tile sizes and launch settings for M rows (per expert when grouped: the counts stay on the device, so a
+    grouped call is tiled for the few rows a decode step routes to each expert) of K features into N. From
+    scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): one row is a matrix-vector product (BLOCK_M 1),
+    whose best tiles depend on R1's shapes; wide N tiles for the experts and the long-K dense products.
+    A "SPLIT_K" key overrides default_k_splits."""
+    if m == 1:
+        if grouped and k >= 4096:  # a batch-1 step's experts (8 of them, listed), gate and up: wider tiles, two K splits
             return {"BLOCK_M": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}
+        if not grouped and n >= 16384:  # the dense layers' gate and up (2 x 18432), wq_b (24576): 256-wide K tiles
+            return {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "SPLIT_K": 1}
+        if not grouped and n >= 4096 and k <= 8192:  # the shared expert's gate and up (2 x 2048) and down: 8 rows, K in 1024s
+            return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
         return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
     wide = grouped or k >= 16384 or m > 64
     return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 3}
 
 
-def default_k_splits(m: int, n_tiles: int, grouped: bool, k_blocks: int) -> int:
+def default_k_splits(m: int, n_tiles: int, grouped: bool, k_tiles: int) -> int:
     """K splits of a dense product with few N tiles, so the GPU has enough programs, each still streaming at
-    least MIN_SPLIT_BLOCKS K blocks; by N, K (and whether M is one row) only, so a row's result does not
+    least MIN_SPLIT_BLOCKS K tiles; by N, K (and whether M is one row) only, so a row's result does not
     depend on how many rows share its call. A grouped call's active experts are known on the device only:
     no split."""
     if grouped:
         return 1
-    return max(1, min((MATVEC_PROGRAMS if m == 1 else TARGET_PROGRAMS) // n_tiles, k_blocks // MIN_SPLIT_BLOCKS))
+    return max(1, min((MATVEC_PROGRAMS if m == 1 else TARGET_PROGRAMS) // n_tiles, k_tiles // MIN_SPLIT_BLOCKS))
 
 
 def _part_strides(part: Tensor) -> tuple[int, ...]:
@@ -233,11 +267,15 @@ def _part_strides(part: Tensor) -> tuple[int, ...]:
     return part.stride(1), part.stride(0), part.stride(2), part.stride(3)
 
 
-def linear(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    """x [..., K] bf16 @ weight [N, K].T (e4m3 with scale [ceil(N/128), ceil(K/128)], or bf16) -> [..., N]."""
-    n, k = weight.shape
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None, second: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+    """x [..., K] bf16 @ weight [N, K].T (e4m3 with scale [ceil(N/128), ceil(K/128)], or bf16) -> [..., N].
+    second (weight2 [N2, K], scale2): also x @ weight2.T in the same launch -> [..., N + N2]."""
+    k = weight.shape[1]
+    n = weight.shape[0] + (0 if second is None else second[0].shape[0])
     rows = x.reshape(1, -1, k)  # [1, M, K]
     if rows.shape[1] == 0:  # an idle expert-parallel rank's empty batch
         return x.new_zeros(*x.shape[:-1], n)
-    out = grouped_linear(rows, weight.unsqueeze(0), None if scale is None else scale.unsqueeze(0))
+    if second is not None:
+        second = (second[0].unsqueeze(0), None if second[1] is None else second[1].unsqueeze(0))
+    out = grouped_linear(rows, weight.unsqueeze(0), None if scale is None else scale.unsqueeze(0), second=second)
     return out.view(*x.shape[:-1], n)

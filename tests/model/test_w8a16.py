@@ -74,6 +74,42 @@ def test_grouped_reads_only_the_valid_rows(rows, config):
             assert torch.equal(listed[j, :c], got[j, :c]), j
 
 
+@pytest.mark.parametrize("rows,config", [(1, None), (1, {"BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1}), (1, {"BLOCK_K": 256, "SPLIT_K": 2}), (4, None)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_paired_product_is_both_products(rows, config, grouped):
+    """One launch for two weights on the same input (gate and up; wq_a and wkv_a): the first weight's columns
+    then the second's, each bit for bit what its own launch with the same tiles gives; N1 = 96 is not a
+    multiple of the tile (its last tile is partial). K tiles of several scale blocks (BLOCK_K 256, 512:
+    a scale per column) match the dequantized weight too."""
+    e, n1, n2, k = 3, 96, 160, 640
+    w1, s1 = fp8_weights(e, n1, k, seed=11)
+    w2, s2 = fp8_weights(e, n2, k, seed=12)
+    x = torch.randn(e, rows, k, generator=torch.Generator().manual_seed(13)).to(DEVICE, torch.bfloat16)
+    counts = torch.tensor([rows, 0, 1], dtype=torch.int32, device=DEVICE) if grouped else None
+    cfg = {**w8a16.launch_config(rows, n1 + n2, k, grouped), **(config or {})}
+    cfg.setdefault("SPLIT_K", w8a16.default_k_splits(rows, -(-(n1 + n2) // cfg["BLOCK_N"]), grouped, -(-k // cfg.get("BLOCK_K", 128))))
+    both = w8a16.grouped_linear(x, w1, s1, counts, config=cfg, second=(w2, s2))
+    assert both.shape == (e, rows, n1 + n2)
+    first, second = w8a16.grouped_linear(x, w1, s1, counts, config=cfg), w8a16.grouped_linear(x, w2, s2, counts, config=cfg)
+    for j in range(e) if not grouped else [j for j, c in enumerate(counts.tolist()) if c]:
+        c = rows if counts is None else int(counts[j])
+        assert torch.equal(both[j, :c, :n1], first[j, :c]) and torch.equal(both[j, :c, n1:], second[j, :c]), j
+        for got, w, s in ((first, w1, s1), (second, w2, s2)):
+            assert rel_err(got[j, :c], x[j, :c].float() @ dequantize(w[j], s[j], torch.float32).T) < TOL, j
+
+
+def test_bad_launch_configs_are_refused():
+    w, s = fp8_weights(1, 128, 256, seed=5)
+    x = torch.randn(1, 4, 256).to(DEVICE, torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        w8a16.grouped_linear(x, w, s, config={"BLOCK_K": 256})  # 4 rows go through tensor cores: one scale per tile
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        w8a16.grouped_linear(x, w, s, config={"BLOCK_N": 96})
+    w2, s2 = fp8_weights(1, 128, 384, seed=6)
+    with pytest.raises(ValueError, match="same e and K"):
+        w8a16.grouped_linear(x, w, s, second=(w2, s2))
+
+
 def test_run_dtype_weights():
     e, rows, n, k = 3, 4, 128, 192
     gen = torch.Generator().manual_seed(3)
