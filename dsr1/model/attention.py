@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dsr1.checkpoint.fp8 import BLOCK
 from dsr1.config import ModelConfig
+from dsr1.model import w8a16
 from dsr1.model.linear import Linear, linear_pair
 from dsr1.model.norm import RMSNorm
 from dsr1.model.rope import apply_rotary_emb
@@ -94,8 +96,8 @@ class MLA(nn.Module):
         n_keys = keep.shape[-1]
         rows = torch.arange(b, device=x.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
 
-        wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if self.impl == "naive":
+            wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             k_nope, v = torch.einsum("bsc,hdc->bshd", kv, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)  # [b, s, h, d + r]
             if cache is not None:
@@ -108,12 +110,37 @@ class MLA(nn.Module):
             if cache is not None:
                 cache.kv[rows, positions], cache.pe[rows, positions] = kv, k_pe
                 kv, k_pe = cache.kv[:b, :n_keys], cache.pe[:b, :n_keys]  # [b, t, c], [b, t, r]
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.nope_dim])  # W_UK absorbed
+            q_latent = self._per_head(q_nope, "W_UK")  # [b, s, h, c]: W_UK absorbed into the query
             scores = torch.einsum("bshc,btc->bsht", q_latent, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
             probs = self._softmax(scores, keep)
             o = torch.einsum("bsht,btc->bshc", probs, kv)
-            o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, self.nope_dim :])  # W_UV applied after attention
+            o = self._per_head(o, "W_UV")  # [b, s, h, d]: W_UV applied after attention
         return self.wo(o.flatten(2))
+
+    def _per_head(self, a: Tensor, part: str) -> Tensor:
+        """Each head's slice of wkv_b applied to its vector: W_UK, q_nope [b, s, h, d] -> [b, s, h, c]; W_UV,
+        o [b, s, h, c] -> [b, s, h, d]. wkv_b's rows are, per head, d of W_UK then d of W_UV ([h, 2d, c]).
+
+        With the W8A16 backend, few rows and whole scale blocks per head, the heads are the experts of one grouped
+        FP8 launch on strided views of the stored weight (read as FP8: half the bytes of the kept bf16 copy);
+        else an einsum on the dense weight."""
+        b, s, h, _ = a.shape
+        first = part == "W_UK"
+        fp8_kernel = self.wkv_b.scale is not None and self.wkv_b.gemm.name == "w8a16" and w8a16.available(a.device, a.dtype)
+        whole_blocks = self.nope_dim == self.v_dim and self.nope_dim % BLOCK == 0  # each head's W_UK, W_UV: whole scale blocks (R1: 128)
+        if not (fp8_kernel and whole_blocks) or b * s > w8a16.DENSE_MAX_ROWS:
+            wkv_b = self.wkv_b.dense_weight(a.dtype).view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            if first:
+                return torch.einsum("bshd,hdc->bshc", a, wkv_b[:, : self.nope_dim])
+            return torch.einsum("bshc,hdc->bshd", a, wkv_b[:, self.nope_dim :])
+        w = self.wkv_b.weight.view(h, 2, self.nope_dim, self.kv_lora_rank)  # [h, 2, d, c]: W_UK, W_UV
+        scale = self.wkv_b.scale.view(h, 2, self.nope_dim // BLOCK, -1)  # [h, 2, d/128, c/128]
+        if first:  # q_latent[c] = sum_d W_UK[d, c] q[d]: the weight read as [h, c, d] (strides: c contiguous)
+            w, scale = w[:, 0].transpose(1, 2), scale[:, 0].transpose(1, 2)
+        else:  # o[d] = sum_c W_UV[d, c] o_latent[c]: [h, d, c] as stored
+            w, scale = w[:, 1], scale[:, 1]
+        x = a.reshape(b * s, h, -1).transpose(0, 1)  # [h, b*s, in]: heads as experts, no copy
+        return w8a16.grouped_linear(x, w, scale).transpose(0, 1).reshape(b, s, h, -1)
 
     def _softmax(self, scores: Tensor, keep: Tensor) -> Tensor:
         """scores: [b, s, h, t] -> probabilities computed in fp32, returned in the scores' dtype."""

@@ -191,3 +191,30 @@ def test_fp8_activations_are_dequantized_in_the_kernel():
     want = w8a16.grouped_linear(fp8.dequantize(torch.bfloat16), w, s, counts)
     for j, c in enumerate(counts.tolist()):
         torch.testing.assert_close(got[j, :c], want[j, :c], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_mla_per_head_products_read_the_fp8_wkv_b(rows):
+    """MLA's absorbed W_UK / W_UV products with the W8A16 backend: heads as the experts of one grouped launch on
+    strided views of the FP8 wkv_b, against the einsum on the dequantized weight (R1's 128-wide heads, so each
+    head owns whole scale blocks; the tiny test model's 32-wide heads take the einsum)."""
+    from dataclasses import replace
+
+    from dsr1.config import ModelConfig
+    from dsr1.model.attention import MLA
+
+    cfg = replace(ModelConfig.from_file("configs/tiny.json"), n_heads=3, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=256)
+    attn = MLA(cfg, fp8=True).to(DEVICE)
+    w, s = fp8_weights(1, attn.wkv_b.out_dim, attn.wkv_b.in_dim, seed=9)
+    attn.wkv_b.weight.copy_(w[0])
+    attn.wkv_b.scale.copy_(s[0])
+    gen = torch.Generator().manual_seed(10)
+    q_nope = torch.randn(1, rows, 3, 128, generator=gen).to(DEVICE, torch.bfloat16)  # [b, s, h, d]
+    o_latent = torch.randn(1, rows, 3, 256, generator=gen).to(DEVICE, torch.bfloat16)  # [b, s, h, c]
+    outs = {}
+    for gemm in (DEQUANT, W8A16()):
+        attn.wkv_b.gemm = gemm
+        outs[gemm.name] = attn._per_head(q_nope, "W_UK"), attn._per_head(o_latent, "W_UV")
+    for got, ref in zip(outs["w8a16"], outs["dequant"]):
+        assert got.shape == ref.shape
+        assert rel_err(got, ref) < TOL
