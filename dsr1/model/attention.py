@@ -28,10 +28,19 @@ ATTN_IMPLS = ("absorb", "naive")
 
 @dataclass
 class LatentCache:
-    """Absorbed-path cache: kv [B, T, c] (after kv_norm) and pe [B, T, r] (after rope)."""
+    """Absorbed-path cache: keys [B, T, c + r], each position's kv (after kv_norm) then its pe (after rope), so one
+    product scores a query against both; kv [B, T, c] and pe [B, T, r] are views into it."""
 
-    kv: Tensor
-    pe: Tensor
+    keys: Tensor
+    kv_lora_rank: int  # c
+
+    @property
+    def kv(self) -> Tensor:
+        return self.keys[..., : self.kv_lora_rank]
+
+    @property
+    def pe(self) -> Tensor:
+        return self.keys[..., self.kv_lora_rank :]
 
 
 @dataclass
@@ -66,10 +75,7 @@ class MLA(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache | HeadCache:
         if self.impl == "absorb":
-            return LatentCache(
-                kv=torch.zeros(batch, max_len, self.kv_lora_rank, dtype=dtype, device=device),
-                pe=torch.zeros(batch, max_len, self.rope_dim, dtype=dtype, device=device),
-            )
+            return LatentCache(torch.zeros(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device), self.kv_lora_rank)
         return HeadCache(
             k=torch.zeros(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, dtype=dtype, device=device),
             v=torch.zeros(batch, max_len, self.n_heads, self.v_dim, dtype=dtype, device=device),
@@ -109,11 +115,13 @@ class MLA(nn.Module):
         else:
             if cache is not None:
                 cache.kv[rows, positions], cache.pe[rows, positions] = kv, k_pe
-                kv, k_pe = cache.kv[:b, :n_keys], cache.pe[:b, :n_keys]  # [b, t, c], [b, t, r]
+                keys = cache.keys[:b, :n_keys]  # [b, t, c + r]
+            else:
+                keys = torch.cat([kv, k_pe], dim=-1)  # [b, t, c + r]
             q_latent = self._per_head(q_nope, "W_UK")  # [b, s, h, c]: W_UK absorbed into the query
-            scores = torch.einsum("bshc,btc->bsht", q_latent, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+            scores = torch.einsum("bshc,btc->bsht", torch.cat([q_latent, q_pe], dim=-1), keys)  # q_latent . kv + q_pe . pe
             probs = self._softmax(scores, keep)
-            o = torch.einsum("bsht,btc->bshc", probs, kv)
+            o = torch.einsum("bsht,btc->bshc", probs, keys[..., : self.kv_lora_rank])
             o = self._per_head(o, "W_UV")  # [b, s, h, d]: W_UV applied after attention
         return self.wo(o.flatten(2))
 
