@@ -197,5 +197,5 @@ def make_graphs(
 def cache_bytes(model: Transformer, batch: int, max_len: int) -> int:
     """Bytes of the KV cache model.new_cache(batch, max_len) allocates."""
     caches = [layer.attn.new_cache(1, 1, model.embed.weight.dtype, "meta") for layer in [*model.layers, *model.mtp]]
-    per_position = sum(t.nbytes for c in caches for t in vars(c).values())
+    per_position = sum(t.nbytes for c in caches for t in c.tensors())
     return per_position * batch * max_len

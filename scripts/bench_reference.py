@@ -59,7 +59,7 @@ def decode_ms_per_token(model, context: int, steps: int, cached: bool) -> float:
 def cache_values_per_token(cfg: ModelConfig, impl: str) -> int:
     """Values one layer's cache holds per token (built on the meta device: no memory is used)."""
     cache = MLA(cfg, fp8=False, impl=impl).new_cache(1, 1, torch.bfloat16, "meta")
-    return sum(t.numel() for t in vars(cache).values())
+    return sum(t.numel() for t in cache.tensors())
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ b batch, s prompt length, v vocabulary
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable
 
@@ -119,8 +118,8 @@ class HFRunner:
 def fill_cache(cache: list, context: int) -> None:
     """Random entries at positions [0, context) of every layer's cache."""
     for layer_cache in cache:
-        for field in dataclasses.fields(layer_cache):
-            getattr(layer_cache, field.name)[:, :context].normal_()
+        for t in layer_cache.tensors():
+            t[:, :context].normal_()
 
 
 def measure_prefill(runner, batch: int, length: int, vocab: int, reps: int, timer: Timer) -> dict:

@@ -42,6 +42,9 @@ class LatentCache:
     def pe(self) -> Tensor:
         return self.keys[..., self.kv_lora_rank :]
 
+    def tensors(self) -> list[Tensor]:
+        return [self.keys]
+
 
 @dataclass
 class HeadCache:
@@ -49,6 +52,9 @@ class HeadCache:
 
     k: Tensor
     v: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        return [self.k, self.v]
 
 
 class MLA(nn.Module):

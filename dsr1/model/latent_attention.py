@@ -23,10 +23,11 @@ from dsr1.model.w8a16 import INTERPRET, _arrival_counters, triton
 BLOCK_H = 16  # heads per program (tl.dot's smallest M)
 BLOCK_T = 32  # cache positions per tile
 TARGET_PROGRAMS = 132  # one per H100/H200 SM: the cache is split into that many slices at batch 1
-NEG = -1.0e30  # a finite "no score yet": exp(NEG - NEG) = 1, where -inf - -inf would be nan
 
 if triton is not None:
     import triton.language as tl
+
+    NEG = tl.constexpr(-1.0e30)  # a finite "no score yet": exp(NEG - NEG) = 1, where -inf - -inf would be nan
 
     @triton.jit
     def _latent_attention_kernel(
