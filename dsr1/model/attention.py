@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dsr1.checkpoint.fp8 import BLOCK
 from dsr1.config import ModelConfig
-from dsr1.model import latent_attention, w8a16
+from dsr1.model import w8a16
 from dsr1.model.linear import Linear, linear_pair
 from dsr1.model.norm import RMSNorm
 from dsr1.model.rope import apply_rotary_emb
@@ -125,12 +125,9 @@ class MLA(nn.Module):
             else:
                 keys = torch.cat([kv, k_pe], dim=-1)  # [b, t, c + r]
             q = torch.cat([self._per_head(q_nope, "W_UK"), q_pe], dim=-1)  # [b, s, h, c + r]: W_UK absorbed into the query
-            if latent_attention.used_for(q):  # a decode step: one kernel (dsr1/model/latent_attention.py)
-                o = latent_attention.latent_attention(q, keys, keep, self.kv_lora_rank, self.softmax_scale)
-            else:
-                scores = torch.einsum("bshc,btc->bsht", q, keys)  # q_latent . kv + q_pe . pe
-                probs = self._softmax(scores, keep)
-                o = torch.einsum("bsht,btc->bshc", probs, keys[..., : self.kv_lora_rank])
+            scores = torch.einsum("bshc,btc->bsht", q, keys)  # q_latent . kv + q_pe . pe
+            probs = self._softmax(scores, keep)
+            o = torch.einsum("bsht,btc->bshc", probs, keys[..., : self.kv_lora_rank])
             o = self._per_head(o, "W_UV")  # [b, s, h, d]: W_UV applied after attention
         return self.wo(o.flatten(2))
 

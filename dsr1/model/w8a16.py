@@ -155,7 +155,7 @@ def grouped_linear(
     weight2, scale2 = second or (None, None)
     n1 = weight.shape[1]
     n = n1 + (0 if weight2 is None else weight2.shape[1])
-    cfg = {**launch_config(x.shape[1], n, x.shape[2], counts is not None, weight.stride(-1) == 1), **(config or {})}
+    cfg = {**launch_config(x.shape[1], n, x.shape[2], counts is not None), **(config or {})}
     block_k = cfg.get("BLOCK_K", BLOCK)
     if BLOCK % cfg["BLOCK_N"] or block_k % BLOCK or (block_k > BLOCK and cfg["BLOCK_M"] > 1):
         raise ValueError(f"w8a16 config {cfg}: BLOCK_N must divide the scale block {BLOCK} (a weight tile sits in one scale block), "
@@ -231,19 +231,16 @@ def _strides(t: Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else t.stride()
 
 
-def launch_config(m: int, n: int, k: int, grouped: bool, k_contiguous: bool = True) -> dict:
+def launch_config(m: int, n: int, k: int, grouped: bool) -> dict:
     """Tile sizes and launch settings for M rows (per expert when grouped: the counts stay on the device, so a
     grouped call is tiled for the few rows a decode step routes to each expert) of K features into N. From
     scripts/bench_w8a16.py on H200 (docs/PERFORMANCE.md): one row is a matrix-vector product (BLOCK_M 1),
     whose best tiles depend on R1's shapes; wide N tiles for the experts and the long-K dense products.
-    A "SPLIT_K" key overrides default_k_splits. k_contiguous False: a transposed view (MLA's W_UK, whose
-    stored rows are K), read in tiles of 128 contiguous output columns."""
-    if m == 1 and not k_contiguous:
-        return {"BLOCK_M": 1, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    A "SPLIT_K" key overrides default_k_splits."""
     if m == 1:
         if grouped and k >= 4096:  # a batch-1 step's experts (8 of them, listed), gate and up: wider tiles, two K splits
             return {"BLOCK_M": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}
-        if not grouped and n >= 16384 and k >= 4096:  # the dense layers' gate and up (2 x 18432): 256-wide K tiles
+        if not grouped and n >= 16384:  # the dense layers' gate and up (2 x 18432), wq_b (24576): 256-wide K tiles
             return {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "SPLIT_K": 1}
         if not grouped and n >= 4096 and k <= 8192:  # the shared expert's gate and up (2 x 2048) and down: 8 rows, K in 1024s
             return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
