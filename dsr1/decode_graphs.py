@@ -124,8 +124,15 @@ class DecodeGraphs:
 def compiled_block():
     """torch.compile'd `_run_block`, for Transformer.forward(run_block=...): static shapes, one compile per
     kind of block and shape. Fused kernels round to bf16 wherever the eager ops do (emulate_precision_casts):
-    without it, on an H200, the tiny test model's logits moved 7x further from the fp32 model's than eager's."""
-    return torch.compile(_run_block, dynamic=False, options={"emulate_precision_casts": True})
+    without it, on an H200, the tiny test model's logits moved 7x further from the fp32 model's than eager's.
+    On Hopper, Inductor's kernels use programmatic dependent launch as the W8A16 kernel does (each waits for
+    the previous kernel before touching what it wrote): a batch-1 step on an H200 2.7% faster, bit-identical."""
+    import torch._inductor.config as inductor_config
+
+    options = {"emulate_precision_casts": True}
+    if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.10; Inductor checks the device itself
+        options["triton.enable_pdl"] = True
+    return torch.compile(_run_block, dynamic=False, options=options)
 
 
 def _run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache) -> Tensor:

@@ -74,6 +74,21 @@ def test_grouped_reads_only_the_valid_rows(rows, config):
             assert torch.equal(listed[j, :c], got[j, :c]), j
 
 
+@pytest.mark.parametrize("active", [0, 1, 5, 8])
+def test_active_experts_compiled_lists_each_expert_with_rows_once(active):
+    """Under torch.compile the list is a stable partition (experts with rows first, by id), not a topk: the
+    same set of distinct ids either way, each expert with rows in it."""
+    counts = torch.zeros(32, dtype=torch.int32)
+    with_rows = torch.randperm(32, generator=torch.Generator().manual_seed(active))[:active].sort().values
+    counts[with_rows] = torch.arange(1, active + 1, dtype=torch.int32)
+    torch._dynamo.reset()
+    traced = torch.compile(w8a16.active_experts, backend="eager", fullgraph=True)(counts, 8)
+    eager = w8a16.active_experts(counts, 8)
+    assert traced.shape == eager.shape == (8,)
+    assert traced[:active].tolist() == with_rows.tolist()
+    assert len(set(traced.tolist())) == 8 and set(with_rows.tolist()) <= set(eager.tolist())
+
+
 @pytest.mark.parametrize("rows,config", [(1, None), (1, {"BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1}), (1, {"BLOCK_K": 256, "SPLIT_K": 2}), (4, None)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_paired_product_is_both_products(rows, config, grouped):
