@@ -268,7 +268,7 @@ def launch_config(m: int, n: int, k: int, grouped: bool) -> dict:
             return {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "SPLIT_K": 1}
         if not grouped and n >= 4096 and k <= 8192:  # the shared expert's gate and up (2 x 2048) and down: 8 rows, K in 1024s
             return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
-        if grouped and k <= BLOCK:  # MLA's W_UK per head (K = 128, read transposed): one warp per tile, 8.0 -> 5.6 us on R1
+        if not grouped and k <= BLOCK:  # MLA's W_UK, heads as experts (K = 128, read transposed): one warp per tile, 8.0 -> 5.6 us on R1
             return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 1, "num_stages": 3}
         return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
