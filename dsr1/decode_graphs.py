@@ -126,7 +126,7 @@ def compiled_block():
     kind of block and shape. Fused kernels round to bf16 wherever the eager ops do (emulate_precision_casts):
     without it, on an H200, the tiny test model's logits moved 7x further from the fp32 model's than eager's.
     On Hopper, Inductor's kernels use programmatic dependent launch as the W8A16 kernel does (each waits for
-    the previous kernel before touching what it wrote): a batch-1 step on an H200 2.7% faster, bit-identical."""
+    the previous kernel before touching what it wrote): a batch-1 step on an H200 2% faster, bit-identical."""
     import torch._inductor.config as inductor_config
 
     options = {"emulate_precision_casts": True}

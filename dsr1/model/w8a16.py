@@ -15,8 +15,8 @@ experts that can have rows (active_experts) shrinks the grid to those. FP8 activ
 from DeepEP's FP8 dispatch) are dequantized tile by tile inside the kernel, bit for bit as
 FP8Rows.dequantize. On Hopper and newer the kernel is launched with programmatic dependent launch (PDL):
 it may start while the previous kernel finishes, waits for it before its first load, and lets the next
-kernel launch once its weights are read (one H200 decode step at batch 1: 2.7% faster, with Inductor's
-kernels doing the same; bit-identical results).
+kernel launch once its weights are read. With Inductor's kernels doing the same, a batch-1 decode step on an
+H200 took 1.645 ms instead of 1.678 (docs/perf/2026-11-28-h200-s6-ablation.json), bit for bit the same.
 
 Used when Triton imports, the tensors are on a CUDA device and the activations are bf16 (R1's run dtype);
 TRITON_INTERPRET=1 runs the same kernel on CPU tensors (the tests do). Run-dtype (bf16) weights take the
