@@ -27,6 +27,7 @@ e experts (1 for a dense layer), M rows per expert, K in features, N out feature
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -212,6 +213,7 @@ def _(x: Tensor, x_scale, weight: Tensor, scale, weight2: Tensor | None, *args) 
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[1] + (0 if weight2 is None else weight2.shape[1]), dtype=torch.bfloat16)
 
 
+@functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on `device` can use programmatic dependent launch: CUDA compute capability 9.0 (Hopper) and up."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
