@@ -69,7 +69,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         e, split = (pid_es // SPLITS).to(tl.int64), pid_es % SPLITS  # int64: e * swe passes 2^31 at R1's shape
-        if HAS_EXPERTS:  # the grid covers a list of experts (those with rows first), not all of them
+        if HAS_EXPERTS:  # the grid covers a list of experts (every one with rows among them), not all of them
             e = tl.load(experts_ptr + e).to(tl.int64)
         rows = tl.load(counts_ptr + e) if HAS_COUNTS else M
         if pid_m * BLOCK_M < rows:  # row tiles past this expert's count (all of an unused expert's) do nothing
