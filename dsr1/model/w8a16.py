@@ -215,8 +215,9 @@ def _(x: Tensor, x_scale, weight: Tensor, scale, weight2: Tensor | None, *args) 
 
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
-    """Whether kernels on `device` can use programmatic dependent launch: CUDA compute capability 9.0 (Hopper) and up."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """Whether kernels on `device` can use programmatic dependent launch: NVIDIA compute capability 9.0 (Hopper)
+    and up (ROCm devices are "cuda" to torch too, with their own capability numbers)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def active_experts(counts: Tensor, bound: int) -> Tensor:
