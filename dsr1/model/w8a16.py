@@ -203,7 +203,7 @@ def _launch(
         HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, HAS_EXPERTS=experts is not None,
         PAIRED=weight2 is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=k_splits, num_warps=num_warps, num_stages=num_stages,
-        PDL=(pdl := pdl_supported(x.device)), launch_pdl=pdl,
+        PDL=(pdl := not INTERPRET and pdl_supported(x.device)), launch_pdl=pdl,  # the interpreter has no griddepcontrol
     )  # fmt: skip
     return out
 
