@@ -195,12 +195,13 @@ def local_experts(cfg: ModelConfig, dispatcher: Dispatcher | None, rank: int) ->
 
 
 def build_model(cfg: ModelConfig, device, dtype: torch.dtype, fp8: bool, **kwargs) -> Transformer:
-    """A Transformer with uninitialized weights on `device`: run-dtype tensors, FP8 weights and fp32 scales/bias."""
+    """A Transformer with uninitialized weights on `device`: run-dtype tensors, FP8 weights, fp32 scales/bias and
+    the parameters a module lists in `fp32_params`."""
     with torch.device("meta"):
         model = Transformer(cfg, fp8=fp8, **kwargs)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            keep = p.dtype == FP8_DTYPE or name.endswith("scale")
+            keep = p.dtype == FP8_DTYPE or name.endswith("scale") or name in getattr(module, "fp32_params", ())
             setattr(module, name, torch.nn.Parameter(p.to(p.dtype if keep else dtype), requires_grad=False))
     model.to_empty(device=device)
     model.init_buffers()

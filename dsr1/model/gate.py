@@ -12,12 +12,14 @@ from dsr1.model import route_kernel
 
 
 class Gate(nn.Module):
+    fp32_params = ("weight",)  # the router matmul runs in fp32 (as HF's): the bf16 checkpoint weight is widened once, at load
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.n_activated_experts
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.route_scale = cfg.route_scale
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim), requires_grad=False)  # HF: mlp.gate.weight
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim, dtype=torch.float32), requires_grad=False)  # HF: mlp.gate.weight
         # HF: mlp.gate.e_score_correction_bias; kept in fp32 whatever the run dtype.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # On CUDA, everything after the matmul runs as one kernel (dsr1/model/route_kernel.py), same function.

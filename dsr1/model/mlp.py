@@ -102,10 +102,23 @@ class GroupedExperts(nn.Module):
 
     def _masked(self, x: Tensor | FP8Rows, counts: Tensor, max_active: int | None) -> Tensor:
         experts = w8a16.active_experts(counts, max_active) if max_active is not None and max_active < self.n_local else None
+        return self._swiglu(x, counts=counts, experts=experts)
+
+    def listed(self, x: Tensor, expert_ids: Tensor) -> Tensor:
+        """One token x [1, m] through each of its experts expert_ids [1, k] (local slots) -> [k, m], in the order
+        listed: the W8A16 kernel reads the token and the listed experts' weights directly, with no dispatch into
+        the [e, M, m] layout. Each product is the one `masked` computes for that token (same tiles, bit for bit)."""
+        ids = expert_ids.flatten()  # [k]
+        rows = x.view(1, 1, -1).expand(ids.numel(), 1, x.shape[-1])  # [k, 1, m], no copy
+        return self._swiglu(rows, experts=ids, listed=True).squeeze(1)
+
+    def _swiglu(self, x: Tensor | FP8Rows, counts: Tensor | None = None, experts: Tensor | None = None, listed: bool = False) -> Tensor:
+        """w2(silu(w1 x) * w3 x) per expert through the W8A16 kernel (grouped_linear's counts / experts / listed)."""
 
         def mm(a: Tensor | FP8Rows, name: str, second: str | None = None) -> Tensor:  # [e, M, in] -> [e, M, out], valid rows only
             pair = None if second is None else (getattr(self, second), getattr(self, f"{second}_scale"))
-            return w8a16.grouped_linear(a, getattr(self, name), getattr(self, f"{name}_scale"), counts, experts=experts, second=pair)
+            weight, scale = getattr(self, name), getattr(self, f"{name}_scale")
+            return w8a16.grouped_linear(a, weight, scale, counts, experts=experts, second=pair, listed=listed)
 
         gate, up = mm(x, "w1", second="w3").split([self.w1.shape[1], self.w3.shape[1]], dim=-1)  # one launch for both
         return mm(F.silu(gate) * up, "w2")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from dsr1.config import ModelConfig
 from dsr1.model.gate import Gate
 from dsr1.model.mlp import MLP, GroupedExperts
-from dsr1.parallel.dispatch import Dispatcher
+from dsr1.parallel.dispatch import Dispatcher, sum_choices
 
 
 class MoE(nn.Module):
@@ -22,6 +22,7 @@ class MoE(nn.Module):
         self.gate = Gate(cfg)  # HF: mlp.gate
         self.experts = GroupedExperts(dispatcher.n_local_experts, cfg.dim, cfg.moe_inter_dim, fp8)  # HF: mlp.experts
         self.holds_all = dispatcher.n_local_experts == cfg.n_routed_experts  # then every routed pair is one of our tokens
+        self.slot_is_id = dispatcher.local_expert_ids == list(range(cfg.n_routed_experts))  # one process, expert j in slot j
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, fp8) if cfg.n_shared_experts else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -29,11 +30,15 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [n, m]
         weights, expert_ids = self.gate(x)  # [n, k] fp32, [n, k] global ids
-        y = torch.empty_like(x)
-        for start, end in self.dispatcher.chunks(x.shape[0]):
-            recv_x, counts, handle = self.dispatcher.dispatch(x[start:end], expert_ids[start:end], weights[start:end])
-            max_active = (end - start) * self.gate.top_k if self.holds_all else None  # other ranks' tokens are not counted here
-            y[start:end] = self.dispatcher.combine(self.experts(recv_x, counts, max_active), handle)
+        if self.slot_is_id and x.shape[0] == 1 and self.experts.resolve_impl(x) == "masked":
+            # one token, every expert here (a batch-1 decode step): the kernels read its k experts by id, no dispatch
+            y = sum_choices(self.experts.listed(x, expert_ids).unsqueeze(0), weights, x.dtype)  # same sums as combine
+        else:
+            y = torch.empty_like(x)
+            for start, end in self.dispatcher.chunks(x.shape[0]):
+                recv_x, counts, handle = self.dispatcher.dispatch(x[start:end], expert_ids[start:end], weights[start:end])
+                max_active = (end - start) * self.gate.top_k if self.holds_all else None  # other ranks' tokens are not counted here
+                y[start:end] = self.dispatcher.combine(self.experts(recv_x, counts, max_active), handle)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

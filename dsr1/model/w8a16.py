@@ -61,16 +61,18 @@ if triton is not None:
         x_ptr, xs_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, counts_ptr, experts_ptr, out_ptr, part_ptr, arrived_ptr,
         M, N, N1, K, k_per_split,
         sxe, sxm, sxk, sxse, sxsm, sxsk, swe, swn, swk, sse, ssn, ssk, sw2e, ss2e, soe, som, son, spe, sps, spm, spn,
-        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_EXPERTS: tl.constexpr, PAIRED: tl.constexpr,
+        HAS_X_SCALE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_EXPERTS: tl.constexpr, LISTED: tl.constexpr, PAIRED: tl.constexpr,
         SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         if PDL:  # launched early: every input may still be in the making (the counts too), wait for the previous kernel
             tl.extra.cuda.gdc_wait()
         pid_n, pid_m, pid_es = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        e, split = (pid_es // SPLITS).to(tl.int64), pid_es % SPLITS  # int64: e * swe passes 2^31 at R1's shape
+        slot, split = (pid_es // SPLITS).to(tl.int64), pid_es % SPLITS  # int64: e * swe passes 2^31 at R1's shape
+        e = slot  # the expert whose weight this program reads
         if HAS_EXPERTS:  # the grid covers a list of experts (every one with rows among them), not all of them
-            e = tl.load(experts_ptr + e).to(tl.int64)
+            e = tl.load(experts_ptr + slot).to(tl.int64)
+        xe = slot if LISTED else e  # the block of x (and of the output) it multiplies: by list position, or by expert id
         rows = tl.load(counts_ptr + e) if HAS_COUNTS else M
         if pid_m * BLOCK_M < rows:  # row tiles past this expert's count (all of an unused expert's) do nothing
             # this tile's first output column and first weight row, the columns it may write, and its weight
@@ -86,7 +88,7 @@ if triton is not None:
             offs_n = col0 + tl.arange(0, BLOCK_N)  # [BN] output columns
             offs_k = tl.arange(0, BLOCK_K)  # [BK]
             m_ok, n_ok = offs_m < rows, offs_n < n_end
-            x_ptrs = x_ptr + e * sxe + offs_m[:, None] * sxm + offs_k[None, :] * sxk  # [BM, BK]
+            x_ptrs = x_ptr + xe * sxe + offs_m[:, None] * sxm + offs_k[None, :] * sxk  # [BM, BK]
             w_ptrs = w_base + (row0 + tl.arange(0, BLOCK_N))[:, None] * swn + offs_k[None, :] * swk  # [BN, BK]
             s_ptrs = s_base + (row0 // SCALE_BLOCK) * ssn  # the tile's row of scale blocks (BLOCK_N divides 128)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -98,7 +100,7 @@ if triton is not None:
                 x = tl.load(x_ptrs + k * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 if HAS_X_SCALE:  # FP8 activations with a scale per row and 128 channels: dequantized to bf16 here
                     xs_ok = m_ok & (offs_m * 0 + k < K)  # [BM]; a vector mask (Triton 3.9's interpreter refuses tensor & scalar)
-                    x_scale = tl.load(xs_ptr + e * sxse + offs_m * sxsm + (k // SCALE_BLOCK) * sxsk, mask=xs_ok, other=0.0)
+                    x_scale = tl.load(xs_ptr + xe * sxse + offs_m * sxsm + (k // SCALE_BLOCK) * sxsk, mask=xs_ok, other=0.0)
                     x = x.to(tl.float32) * x_scale[:, None]
                     x = _round_to_bf16(x) if INTERPRETED else x.to(tl.bfloat16)
                 w = tl.load(w_ptrs + k * swk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -117,15 +119,15 @@ if triton is not None:
                 tl.extra.cuda.gdc_launch_dependents()
             if BLOCK_M == 1:
                 acc += tl.sum(acc_nk, axis=1)[None, :]
-            out_ptrs = out_ptr + e * soe + offs_m[:, None] * som + offs_n[None, :] * son  # [BM, BN]
+            out_ptrs = out_ptr + xe * soe + offs_m[:, None] * som + offs_n[None, :] * son  # [BM, BN]
             mask = m_ok[:, None] & n_ok[None, :]
             if SPLITS == 1:
                 tl.store(out_ptrs, _round_to_bf16(acc) if INTERPRETED else acc.to(tl.bfloat16), mask=mask)
             else:  # K split: partial sums in fp32; the tile's last split to finish adds them up in split order
-                part_ptrs = part_ptr + e * spe + offs_m[:, None] * spm + offs_n[None, :] * spn  # [BM, BN] of split 0
+                part_ptrs = part_ptr + xe * spe + offs_m[:, None] * spm + offs_n[None, :] * spn  # [BM, BN] of split 0
                 tl.store(part_ptrs + split * sps, acc, mask=mask)
                 tl.debug_barrier()  # every thread's partial is written before the release below
-                tile = (e * tl.num_programs(1) + pid_m) * tl.num_programs(0) + pid_n
+                tile = (xe * tl.num_programs(1) + pid_m) * tl.num_programs(0) + pid_n
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for j in range(SPLITS):  # a fixed order: the result does not depend on which split ran last
@@ -150,6 +152,7 @@ def grouped_linear(
     config: dict | None = None,
     experts: Tensor | None = None,
     second: tuple[Tensor, Tensor | None] | None = None,
+    listed: bool = False,
 ) -> Tensor:
     """x [e, M, K] bf16 (or FP8Rows: e4m3 with 1x128 scales, as DeepEP's FP8 dispatch delivers them, dequantized
     in the kernel exactly as FP8Rows.dequantize does) times each expert's weight [e, N, K] (e4m3 with scale
@@ -157,6 +160,9 @@ def grouped_linear(
     [0, counts[j]) of expert j are computed; the rest of the output is left as torch.empty made it.
     experts [L] (optional, with counts): distinct expert ids holding every expert with rows (active_experts):
     the kernel is launched for those L only, instead of all e.
+    listed (with experts, without counts): x [L, M, K] and the result [L, M, N] hold one block per listed expert, in
+    list order (x[i] times expert experts[i]'s weight; x may be a stride-0 expand of one token's rows), instead of
+    one per expert id: a single process's batch-1 step multiplies its token by its k experts with no dispatch.
     second (weight2 [e, N2, K], scale2): a second product of the same x in the same launch (gate and up, or
     wq_a and wkv_a, are one launch, not two): the result is [e, M, N + N2], x @ weight.T then x @ weight2.T,
     each column computed as it would be alone with the same launch config."""
@@ -164,7 +170,8 @@ def grouped_linear(
     weight2, scale2 = second or (None, None)
     n1 = weight.shape[1]
     n = n1 + (0 if weight2 is None else weight2.shape[1])
-    cfg = {**launch_config(x.shape[1], n, x.shape[2], counts is not None), **(config or {})}
+    grouped = counts is not None or experts is not None  # tiled for the few rows a decode step routes to each expert
+    cfg = {**launch_config(x.shape[1], n, x.shape[2], grouped), **(config or {})}
     block_k = cfg.get("BLOCK_K", BLOCK)
     if BLOCK % cfg["BLOCK_N"] or block_k % BLOCK or (block_k > BLOCK and cfg["BLOCK_M"] > 1):
         raise ValueError(f"w8a16 config {cfg}: BLOCK_N must divide the scale block {BLOCK} (a weight tile sits in one scale block), "
@@ -172,16 +179,21 @@ def grouped_linear(
     if weight2 is not None and (weight2.shape[0] != weight.shape[0] or weight2.shape[2] != weight.shape[2] or (scale is None) != (scale2 is None)):
         raise ValueError(f"w8a16: a paired product needs both weights [e, N, K] with the same e and K (got {tuple(weight.shape)} "
                          f"and {tuple(weight2.shape)}), both FP8 or neither")
-    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(n, cfg["BLOCK_N"]), counts is not None, triton.cdiv(x.shape[2], block_k))
+    if listed and (experts is None or counts is not None or experts.shape[0] != x.shape[0]):
+        raise ValueError(f"w8a16: listed rows need an experts list with one entry per block of x ({x.shape[0]}) and no counts "
+                         f"(got experts {None if experts is None else tuple(experts.shape)}, counts {'given' if counts is not None else None})")
+    split_k = cfg.get("SPLIT_K") or default_k_splits(x.shape[1], triton.cdiv(n, cfg["BLOCK_N"]), grouped, triton.cdiv(x.shape[2], block_k))
     return torch.ops.dsr1.w8a16(
-        x, x_scale, weight, scale, weight2, scale2, counts, experts, cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k, cfg["num_warps"], cfg["num_stages"]
+        x, x_scale, weight, scale, weight2, scale2, counts, experts, listed,
+        cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k, cfg["num_warps"], cfg["num_stages"],
     )  # fmt: skip
 
 
 @torch.library.custom_op("dsr1::w8a16", mutates_args=())
 def _launch(
     x: Tensor, x_scale: Tensor | None, weight: Tensor, scale: Tensor | None, weight2: Tensor | None, scale2: Tensor | None,
-    counts: Tensor | None, experts: Tensor | None, block_m: int, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
+    counts: Tensor | None, experts: Tensor | None, listed: bool,
+    block_m: int, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
 ) -> Tensor:  # fmt: skip
     """grouped_linear's kernel launch, an opaque operator to torch.compile (which fuses the code around it)."""
     e, m, k = x.shape
@@ -192,7 +204,7 @@ def _launch(
     k_splits = triton.cdiv(k, k_per_split)
     out = torch.empty(e, m, n, dtype=torch.bfloat16, device=x.device)
     part = torch.empty(k_splits, e, m, n, dtype=torch.float32, device=x.device) if k_splits > 1 else out  # fp32 partial sums
-    arrived = _arrival_counters(x.device, n_tiles * m_tiles * e) if k_splits > 1 else out  # tiles numbered by expert id
+    arrived = _arrival_counters(x.device, n_tiles * m_tiles * e) if k_splits > 1 else out  # tiles numbered by block of x
     slots = e if experts is None else experts.numel()
     _w8a16_kernel[(n_tiles, m_tiles, slots * k_splits)](
         x, _or(x_scale, x), weight, _or(scale, weight), _or(weight2, weight), _or(scale2, _or(scale, weight)),  # unused pointers: any tensor
@@ -200,7 +212,7 @@ def _launch(
         m, n, n1, k, k_per_split,
         *x.stride(), *_strides(x_scale), *weight.stride(), *_strides(scale), _or(weight2, weight).stride(0), _strides(_or(scale2, scale))[0],
         *out.stride(), *_part_strides(part),
-        HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, HAS_EXPERTS=experts is not None,
+        HAS_X_SCALE=x_scale is not None, HAS_SCALE=scale is not None, HAS_COUNTS=counts is not None, HAS_EXPERTS=experts is not None, LISTED=listed,
         PAIRED=weight2 is not None, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=k_splits, num_warps=num_warps, num_stages=num_stages,
         PDL=(pdl := not INTERPRET and pdl_supported(x.device)), launch_pdl=pdl,  # the interpreter has no griddepcontrol

@@ -67,19 +67,22 @@ def group_by_expert(slots: Tensor, n_slots: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def weighted_sum(rows: Tensor, pair: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
-    """Σ_j w_j · y_j per token, accumulated in fp32 in j order as DeepEP's combine kernel does, so the
-    result is deterministic (a scatter-add's order is not on GPU) and equal across dispatchers.
-
-    rows [p, m]: expert outputs of the pairs `pair` [p] (flat index token * k + j); weights [n, k].
-    Pairs never sent (expert id -1) count as zero. Returns [n, m] in dtype.
+    """Σ_j w_j · y_j per token (sum_choices) from the expert outputs rows [p, m] of the pairs `pair` [p]
+    (flat index token * k + j); weights [n, k]. Pairs never sent (expert id -1) count as zero. -> [n, m] in dtype.
     """
     n, k = weights.shape
     per_pair = rows.new_zeros(n * k, rows.shape[-1], dtype=torch.float32)
     per_pair[pair] = rows.float()
-    per_pair = per_pair.view(n, k, rows.shape[-1])  # [n, k, m]
-    out = torch.zeros(n, rows.shape[-1], dtype=torch.float32, device=rows.device)
-    for j in range(k):
-        out += per_pair[:, j] * weights[:, j : j + 1].float()
+    return sum_choices(per_pair.view(n, k, rows.shape[-1]), weights, dtype)
+
+
+def sum_choices(per_pair: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """Σ_j w_j · y_j per token: per_pair [n, k, m] (token i's j-th expert output), weights [n, k] -> [n, m] in
+    dtype. Accumulated in fp32 in j order as DeepEP's combine kernel does, so the result is deterministic (a
+    scatter-add's order is not on GPU) and equal across dispatchers."""
+    out = torch.zeros(per_pair.shape[0], per_pair.shape[-1], dtype=torch.float32, device=per_pair.device)
+    for j in range(per_pair.shape[1]):
+        out += per_pair[:, j].float() * weights[:, j : j + 1].float()
     return out.to(dtype)
 
 

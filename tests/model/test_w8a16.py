@@ -74,6 +74,50 @@ def test_grouped_reads_only_the_valid_rows(rows, config):
             assert torch.equal(listed[j, :c], got[j, :c]), j
 
 
+@pytest.mark.parametrize("config", [None, {"SPLIT_K": 2}])
+def test_listed_rows_are_the_listed_experts_products(config):
+    """listed: block i of x times expert experts[i]'s weight, results in list order; x may be one token's row
+    expanded (stride 0), and an expert may be listed twice. Bit for bit the product the by-id layout gives."""
+    e, n, k = 6, 192, 384
+    w, s = fp8_weights(e, n, k, seed=14)
+    token = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(15)).to(DEVICE, torch.bfloat16)
+    ids = torch.tensor([4, 0, 5, 4], device=DEVICE)
+    got = w8a16.grouped_linear(token.expand(4, 1, k), w, s, config=config, experts=ids, listed=True)  # [4, 1, n]
+    counts = torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.int32, device=DEVICE)
+    by_id = w8a16.grouped_linear(token.expand(e, 1, k), w, s, counts, config=config, experts=ids[:3])  # [e, 1, n]
+    assert got.shape == (4, 1, n)
+    for i, j in enumerate(ids.tolist()):
+        assert torch.equal(got[i], by_id[j]), (i, j)
+    with pytest.raises(ValueError, match="listed rows"):
+        w8a16.grouped_linear(token.expand(3, 1, k), w, s, experts=ids, listed=True)  # 3 blocks, 4 listed
+
+
+def test_one_token_moe_skips_the_dispatch():
+    """A single process's MoE on one token (a batch-1 decode step) reads the token's experts by id, with no
+    dispatch or combine: the same output as through LocalDispatcher, bit for bit."""
+    from dsr1.model.moe import MoE
+    from tests.model.test_fp8_gemm import tiny_fp8_model
+
+    model = tiny_fp8_model(DEVICE, torch.bfloat16)
+    use_fp8_gemm(model, select_fp8_backend("w8a16", DEVICE))
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    dispatched = []
+    dispatch = moe.dispatcher.dispatch
+    moe.dispatcher.dispatch = lambda *args: dispatched.append(1) or dispatch(*args)
+    x = torch.randn(1, 1, model.cfg.dim, generator=torch.Generator().manual_seed(16)).to(DEVICE, torch.bfloat16)
+    with torch.inference_mode():
+        direct = moe(x)
+        assert not dispatched
+        moe.slot_is_id = False  # as if the slots were not the expert ids: through dispatch and combine
+        via_dispatch = moe(x)
+        assert len(dispatched) == 1
+        moe.slot_is_id = True
+        two = moe(x.expand(1, 2, -1))  # two tokens go through the dispatcher (tiled for rows, not a matrix-vector product)
+        assert len(dispatched) == 2
+    assert torch.equal(direct, via_dispatch)
+    assert rel_err(two[:, 1:], direct) < TOL
+
+
 @pytest.mark.parametrize("active", [0, 1, 5, 8])
 def test_active_experts_compiled_lists_each_expert_with_rows_once(active):
     """Under torch.compile the list is a stable partition (experts with rows first, by id), not a topk: the
