@@ -2,7 +2,7 @@
 with their share of the step's GPU time (torch.profiler). Random FP8 weights built on the GPU.
 --compile runs the decoder blocks through torch.compile, as DecodeGraphs(compile=True) does.
 
-    python scripts/profile_decode.py --config configs/r1-5layer.json --batch 1 64 [--compile]
+    python scripts/profile_decode.py --config configs/r1-5layer.json --batch 1 64 [--compile] [--timeline]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--compile", action="store_true", help="decoder blocks through torch.compile")
     p.add_argument("--calls", default=None, help="also list each call of the kernels whose name contains this, in launch order")
+    p.add_argument("--timeline", action="store_true", help="also list every kernel of the step in launch order, one per line")
     args = p.parse_args()
     device = torch.device("cuda")
     cfg = ModelConfig.from_file(args.config)
@@ -64,6 +65,9 @@ def main() -> None:
             if args.calls:
                 calls = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and args.calls in e.name), key=lambda e: e.time_range.start)
                 print(f"each {args.calls} call (us): " + " ".join(f"{e.device_time_total:.1f}" for e in calls))
+            if args.timeline:
+                calls = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+                print("\n".join(f"{e.time_range.start - calls[0].time_range.start:9.1f} us {e.device_time_total:7.1f} us  {e.name[:100]}" for e in calls))
 
 
 if __name__ == "__main__":
