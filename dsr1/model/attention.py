@@ -125,11 +125,25 @@ class MLA(nn.Module):
             else:
                 keys = torch.cat([kv, k_pe], dim=-1)  # [b, t, c + r]
             q = torch.cat([self._per_head(q_nope, "W_UK"), q_pe], dim=-1)  # [b, s, h, c + r]: W_UK absorbed into the query
-            scores = torch.einsum("bshc,btc->bsht", q, keys)  # q_latent . kv + q_pe . pe
-            probs = self._softmax(scores, keep)
-            o = torch.einsum("bsht,btc->bshc", probs, keys[..., : self.kv_lora_rank])
+            o = self._attend_latent(q, keys, keep)  # [b, s, h, c]
             o = self._per_head(o, "W_UV")  # [b, s, h, d]: W_UV applied after attention
         return self.wo(o.flatten(2))
+
+    def _attend_latent(self, q: Tensor, keys: Tensor, keep: Tensor) -> Tensor:
+        """Attention over the latent cache: q [b, s, h, c + r] against keys [b, t, c + r] (scores q_latent . kv + q_pe . pe),
+        probabilities times kv -> [b, s, h, c]. A decode step (s = 1) with the W8A16 backend runs both products in
+        that kernel, each batch entry's cache as the "weight" of one group (bf16, no scale): the same fp32 sums,
+        rounded to bf16 as the einsums' are, in tiles picked for the batch (w8a16.cache_config; cuBLAS took ~6-7 us
+        for each product at batch 1 and R1's 128 heads, the kernel 3.3 and 4.9)."""
+        b, s, h, _ = q.shape
+        kv = keys[..., : self.kv_lora_rank]  # [b, t, c]
+        if s == 1 and self.wkv_b.gemm.name == "w8a16" and w8a16.available(q.device, q.dtype):
+            tiles = w8a16.cache_config(b)
+            scores = w8a16.grouped_linear(q.view(b, s * h, -1), keys, None, config=tiles).view(b, s, h, -1)
+            probs = self._softmax(scores, keep)  # [b, s, h, t]
+            return w8a16.grouped_linear(probs.view(b, s * h, -1), kv.transpose(1, 2), None, config=tiles).view(b, s, h, -1)
+        scores = torch.einsum("bshc,btc->bsht", q, keys)
+        return torch.einsum("bsht,btc->bshc", self._softmax(scores, keep), kv)
 
     def _per_head(self, a: Tensor, part: str) -> Tensor:
         """Each head's slice of wkv_b applied to its vector: W_UK, q_nope [b, s, h, d] -> [b, s, h, c]; W_UV,

@@ -291,6 +291,16 @@ def launch_config(m: int, n: int, k: int, grouped: bool) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 3}
 
 
+def cache_config(groups: int) -> dict:
+    """Tiles for MLA's decode products over the latent cache (a group per batch entry, R1's 128 heads as its rows):
+    small tiles fill the GPU at few groups, large ones past that. H200, both products at 516 / 2052 keys
+    (docs/perf/2026-11-28-h200-s7-cache-tiles.json): b=1 8.2 / 18.1 us vs the einsums' 12.9 / 19.6; b=8 15.1 / 43.5
+    vs 20.9 / 46.3; b=64 58 / 178 vs 63 / 180."""
+    if groups < 8:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
+
+
 def default_k_splits(m: int, n_tiles: int, grouped: bool, k_tiles: int) -> int:
     """K splits of a dense product with few N tiles, so the GPU has enough programs, each still streaming at
     least MIN_SPLIT_BLOCKS K tiles; by N, K (and whether M is one row) only, so a row's result does not

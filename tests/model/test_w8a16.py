@@ -277,3 +277,26 @@ def test_mla_per_head_products_read_the_fp8_wkv_b(rows):
     for got, ref in zip(outs["w8a16"], outs["dequant"]):
         assert got.shape == ref.shape
         assert rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("b,t", [(1, 37), (3, 130), (8, 20)])
+def test_mla_decode_cache_products_in_the_kernel(b, t):
+    """A decode step's two products over the latent cache (scores, then probabilities times kv) through the kernel,
+    each batch entry's cache a group's bf16 weight (kv read transposed), against the einsums; keys past a row's
+    length masked off."""
+    from dsr1.config import ModelConfig
+    from dsr1.model.attention import MLA
+
+    cfg = ModelConfig.from_file("configs/tiny.json")
+    attn = MLA(cfg, fp8=True).to(DEVICE)
+    gen = torch.Generator().manual_seed(17)
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    q = torch.randn(b, 1, cfg.n_heads, c + r, generator=gen).to(DEVICE, torch.bfloat16)
+    cache = torch.randn(b, t + 5, c + r, generator=gen).to(DEVICE, torch.bfloat16)  # rows past t: another step's keys
+    keep = (torch.arange(t) < torch.randint(1, t + 1, (b, 1, 1), generator=gen)).to(DEVICE)  # [b, 1, t]
+    outs = {}
+    for gemm in (DEQUANT, W8A16()):
+        attn.wkv_b.gemm = gemm
+        outs[gemm.name] = attn._attend_latent(q, cache[:, :t], keep)
+    assert outs["w8a16"].shape == outs["dequant"].shape == (b, 1, cfg.n_heads, c)
+    assert rel_err(outs["w8a16"], outs["dequant"]) < TOL
