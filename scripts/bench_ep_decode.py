@@ -91,6 +91,7 @@ def main() -> None:
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the ranks step together: the slowest sets the pace
             rows.append({"all2all": all2all, "fp8_dispatch": fp8, "placement": strategy, "skew": skew, "batch_per_rank": batch,
                          "cuda_graphs": graphs, "compiled": graphs and args.compile_decode == "on", "ms_per_step": ms.item(), "tokens_per_s": world * batch * 1e3 / ms.item()})
+            log_rank0(f"[row] {json.dumps(rows[-1])}")  # as it comes: a run cut short keeps what it measured
             del runner
         del model, dispatcher
         if device.type == "cuda":

@@ -277,13 +277,15 @@ def launch_config(m: int, n: int, k: int, grouped: bool) -> dict:
     whose best tiles depend on R1's shapes; wide N tiles for the experts and the long-K dense products.
     A "SPLIT_K" key overrides default_k_splits."""
     if m == 1:
-        if grouped and k >= 4096:  # a batch-1 step's experts (8 of them, listed), gate and up: wider tiles, two K splits
-            return {"BLOCK_M": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}
-        if not grouped and n >= 16384:  # the dense layers' gate and up (2 x 18432), wq_b (24576): 256-wide K tiles
+        if grouped and k >= 4096:  # a batch-1 step's experts (8 of them, listed), gate and up: 64 x 256 tiles, 68.7 -> 61.8 us (H200)
+            return {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "SPLIT_K": 1}
+        if grouped:  # their down projection (K = 2048): 64-wide tiles, 39.8 -> 35.8 us on R1's 8 experts (H200)
+            return {"BLOCK_M": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        if n >= 16384:  # the dense layers' gate and up (2 x 18432), wq_b (24576): 256-wide K tiles
             return {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3, "SPLIT_K": 1}
-        if not grouped and n >= 4096 and k <= 8192:  # the shared expert's gate and up (2 x 2048) and down: 8 rows, K in 1024s
+        if n >= 4096 and k <= 8192:  # the shared expert's gate and up (2 x 2048) and down: 8 rows, K in 1024s
             return {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
-        if not grouped and k <= BLOCK:  # MLA's W_UK, heads as experts (K = 128, read transposed): one warp per tile, 8.0 -> 5.6 us on R1
+        if k <= BLOCK:  # MLA's W_UK, heads as experts (K = 128, read transposed): one warp per tile, 8.0 -> 5.6 us on R1
             return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 1, "num_stages": 3}
         return {"BLOCK_M": 1, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
     block_m = 16 if grouped or m <= 16 else 32 if m <= 64 else 64
