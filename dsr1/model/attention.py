@@ -137,7 +137,7 @@ class MLA(nn.Module):
         for each product at batch 1 and R1's 128 heads, the kernel 3.3 and 4.9)."""
         b, s, h, _ = q.shape
         kv = keys[..., : self.kv_lora_rank]  # [b, t, c]
-        if s == 1 and self.wkv_b.gemm.name == "w8a16" and w8a16.available(q.device, q.dtype):
+        if s == 1 and b > 0 and self.wkv_b.gemm.name == "w8a16" and w8a16.available(q.device, q.dtype):
             tiles = w8a16.cache_config(b)
             scores = w8a16.grouped_linear(q.view(b, s * h, -1), keys, None, config=tiles).view(b, s, h, -1)
             probs = self._softmax(scores, keep)  # [b, s, h, t]
@@ -156,7 +156,7 @@ class MLA(nn.Module):
         first = part == "W_UK"
         fp8_kernel = self.wkv_b.scale is not None and self.wkv_b.gemm.name == "w8a16" and w8a16.available(a.device, a.dtype)
         whole_blocks = self.nope_dim == self.v_dim and self.nope_dim % BLOCK == 0  # each head's W_UK, W_UV: whole scale blocks (R1: 128)
-        if not (fp8_kernel and whole_blocks) or b * s > w8a16.DENSE_MAX_ROWS:
+        if not (fp8_kernel and whole_blocks) or not 0 < b * s <= w8a16.DENSE_MAX_ROWS:  # no rows: an idle EP rank's empty batch
             wkv_b = self.wkv_b.dense_weight(a.dtype).view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
             if first:
                 return torch.einsum("bshd,hdc->bshc", a, wkv_b[:, : self.nope_dim])

@@ -300,3 +300,31 @@ def test_mla_decode_cache_products_in_the_kernel(b, t):
         outs[gemm.name] = attn._attend_latent(q, cache[:, :t], keep)
     assert outs["w8a16"].shape == outs["dequant"].shape == (b, 1, cfg.n_heads, c)
     assert rel_err(outs["w8a16"], outs["dequant"]) < TOL
+
+
+def test_mla_on_an_empty_batch():
+    """An idle expert-parallel rank runs its layers on zero sequences to join the dispatches: MLA's W8A16 paths (the
+    per-head products on R1's 128-wide heads, the cache products) take no rows and return an empty batch."""
+    from dataclasses import replace
+
+    from dsr1.config import ModelConfig
+    from dsr1.model.attention import MLA
+    from dsr1.model.norm import RMSNorm
+    from dsr1.model.rope import precompute_freqs_cis
+    from dsr1.model.transformer import Transformer
+
+    cfg = replace(ModelConfig.from_file("configs/tiny.json"), n_heads=3, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=256)
+    attn = MLA(cfg, fp8=True).to(DEVICE)
+    for module in attn.modules():
+        if hasattr(module, "gemm"):
+            module.gemm = W8A16()
+        if isinstance(module, RMSNorm):
+            module.to(torch.bfloat16)  # the run dtype; FP8 weights and their scales stay as they are
+    cache = attn.new_cache(2, 8, torch.bfloat16, DEVICE)
+    for s, cached in ((3, None), (1, cache)):  # a prefill without a cache, then a decode step with one
+        positions = torch.zeros(0, s, dtype=torch.long, device=DEVICE)
+        keep = Transformer.attention_mask(positions, None if cached is None else [], None if cached is None else 4)
+        x = torch.zeros(0, s, cfg.dim, device=DEVICE, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            out = attn(x, positions, precompute_freqs_cis(cfg, 8).to(DEVICE)[positions], keep, cached)
+        assert out.shape == (0, s, cfg.dim)
