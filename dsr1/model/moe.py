@@ -1,7 +1,9 @@
 """The mixture-of-experts layer: route -> dispatch -> expert compute -> combine, plus the shared expert.
 
 The dispatcher is the only place expert parallelism enters: the router produces global expert ids,
-the dispatcher moves tokens to whichever rank and slot holds them, and brings the results back.
+the dispatcher moves tokens to whichever rank and slot holds them, and brings the results back. One token
+on a process holding every expert (a batch-1 decode step on one GPU) needs no move: the expert kernels
+read its k experts by id, and the outputs are summed as the combine sums them.
 
 b batch, s positions, n tokens (b*s), m model dim
 """

@@ -11,7 +11,8 @@ split stores an fp32 partial sum and the tile's last split to finish adds them i
 separate reduction kernel; deterministic). Experts with no rows, and row tiles past an expert's
 count, exit before loading anything: a decode step reads only the experts it routed to, with no host sync
 (the counts stay on the device), so the step can be captured in a CUDA graph; a device-side list of the
-experts that can have rows (active_experts) shrinks the grid to those. FP8 activations (FP8Rows,
+experts that can have rows (active_experts) shrinks the grid to those; with `listed`, x holds one block per
+listed expert instead (one token times its k experts, no dispatch). FP8 activations (FP8Rows,
 from DeepEP's FP8 dispatch) are dequantized tile by tile inside the kernel, bit for bit as
 FP8Rows.dequantize. On Hopper and newer the kernel is launched with programmatic dependent launch (PDL):
 it may start while the previous kernel finishes, waits for it before its first load, and lets the next
@@ -20,7 +21,7 @@ H200 took 1.645 ms instead of 1.678 (docs/perf/2026-11-28-h200-s6-ablation.json)
 
 Used when Triton imports, the tensors are on a CUDA device and the activations are bf16 (R1's run dtype);
 TRITON_INTERPRET=1 runs the same kernel on CPU tensors (the tests do). Run-dtype (bf16) weights take the
-same path with no scale.
+same path with no scale (MLA's latent cache in a decode step is one: attention.py).
 
 e experts (1 for a dense layer), M rows per expert, K in features, N out features, S K-splits
 """
