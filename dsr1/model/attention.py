@@ -137,7 +137,7 @@ class MLA(nn.Module):
         for each product at batch 1 and R1's 128 heads, the kernel 3.3 and 4.9)."""
         b, s, h, _ = q.shape
         kv = keys[..., : self.kv_lora_rank]  # [b, t, c]
-        if s == 1 and b > 0 and self.wkv_b.gemm.name == "w8a16" and w8a16.available(q.device, q.dtype):
+        if s == 1 and b > 0 and self._w8a16_backend(q):
             tiles = w8a16.cache_config(b)
             scores = w8a16.grouped_linear(q.view(b, s * h, -1), keys, None, config=tiles).view(b, s, h, -1)
             probs = self._softmax(scores, keep)  # [b, s, h, t]
@@ -154,7 +154,7 @@ class MLA(nn.Module):
         else an einsum on the dense weight."""
         b, s, h, _ = a.shape
         first = part == "W_UK"
-        fp8_kernel = self.wkv_b.scale is not None and self.wkv_b.gemm.name == "w8a16" and w8a16.available(a.device, a.dtype)
+        fp8_kernel = self.wkv_b.scale is not None and self._w8a16_backend(a)
         whole_blocks = self.nope_dim == self.v_dim and self.nope_dim % BLOCK == 0  # each head's W_UK, W_UV: whole scale blocks (R1: 128)
         if not (fp8_kernel and whole_blocks) or not 0 < b * s <= w8a16.DENSE_MAX_ROWS:  # no rows: an idle EP rank's empty batch
             wkv_b = self.wkv_b.dense_weight(a.dtype).view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -169,6 +169,10 @@ class MLA(nn.Module):
             w, scale = w[:, 1], scale[:, 1]
         x = a.reshape(b * s, h, -1).transpose(0, 1)  # [h, b*s, in]: heads as experts, no copy
         return w8a16.grouped_linear(x, w, scale).transpose(0, 1).reshape(b, s, h, -1)
+
+    def _w8a16_backend(self, a: Tensor) -> bool:
+        """Whether the model runs the W8A16 backend (fp8_gemm.use_fp8_gemm) and its kernel runs on `a`."""
+        return self.wkv_b.gemm.name == "w8a16" and w8a16.available(a.device, a.dtype)
 
     def _softmax(self, scores: Tensor, keep: Tensor) -> Tensor:
         """scores: [b, s, h, t] -> probabilities computed in fp32, returned in the scores' dtype."""
