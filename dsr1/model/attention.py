@@ -29,18 +29,9 @@ ATTN_IMPLS = ("absorb", "naive")
 @dataclass
 class LatentCache:
     """Absorbed-path cache: keys [B, T, c + r], each position's kv (after kv_norm) then its pe (after rope), so one
-    product scores a query against both; kv [B, T, c] and pe [B, T, r] are views into it."""
+    product scores a query against both."""
 
     keys: Tensor
-    kv_lora_rank: int  # c
-
-    @property
-    def kv(self) -> Tensor:
-        return self.keys[..., : self.kv_lora_rank]
-
-    @property
-    def pe(self) -> Tensor:
-        return self.keys[..., self.kv_lora_rank :]
 
     def tensors(self) -> list[Tensor]:
         return [self.keys]
@@ -81,7 +72,7 @@ class MLA(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache | HeadCache:
         if self.impl == "absorb":
-            return LatentCache(torch.zeros(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device), self.kv_lora_rank)
+            return LatentCache(torch.zeros(batch, max_len, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device))
         return HeadCache(
             k=torch.zeros(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, dtype=dtype, device=device),
             v=torch.zeros(batch, max_len, self.n_heads, self.v_dim, dtype=dtype, device=device),
@@ -119,11 +110,10 @@ class MLA(nn.Module):
             probs = self._softmax(scores, keep)
             o = torch.einsum("bsht,bthd->bshd", probs, v)  # [b, s, h, d]
         else:
+            keys = torch.cat([kv, k_pe], dim=-1)  # [b, s, c + r]: this call's positions
             if cache is not None:
-                cache.kv[rows, positions], cache.pe[rows, positions] = kv, k_pe
+                cache.keys[rows, positions] = keys
                 keys = cache.keys[:b, :n_keys]  # [b, t, c + r]
-            else:
-                keys = torch.cat([kv, k_pe], dim=-1)  # [b, t, c + r]
             q = torch.cat([self._per_head(q_nope, "W_UK"), q_pe], dim=-1)  # [b, s, h, c + r]: W_UK absorbed into the query
             o = self._attend_latent(q, keys, keep)  # [b, s, h, c]
             o = self._per_head(o, "W_UV")  # [b, s, h, d]: W_UV applied after attention
