@@ -252,17 +252,23 @@ def test_fp8_activations_are_dequantized_in_the_kernel():
         torch.testing.assert_close(got[j, :c], want[j, :c], rtol=0, atol=0)
 
 
+def r1_heads_config():
+    """The tiny config with R1's 128-wide heads (each head's W_UK / W_UV whole scale blocks), 3 heads, c = 256."""
+    from dataclasses import replace
+
+    from dsr1.config import ModelConfig
+
+    return replace(ModelConfig.from_file("configs/tiny.json"), n_heads=3, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=256)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_mla_per_head_products_read_the_fp8_wkv_b(rows):
     """MLA's absorbed W_UK / W_UV products with the W8A16 backend: heads as the experts of one grouped launch on
     strided views of the FP8 wkv_b, against the einsum on the dequantized weight (R1's 128-wide heads, so each
     head owns whole scale blocks; the tiny test model's 32-wide heads take the einsum)."""
-    from dataclasses import replace
-
-    from dsr1.config import ModelConfig
     from dsr1.model.attention import MLA
 
-    cfg = replace(ModelConfig.from_file("configs/tiny.json"), n_heads=3, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=256)
+    cfg = r1_heads_config()
     attn = MLA(cfg, fp8=True).to(DEVICE)
     w, s = fp8_weights(1, attn.wkv_b.out_dim, attn.wkv_b.in_dim, seed=9)
     attn.wkv_b.weight.copy_(w[0])
@@ -305,15 +311,12 @@ def test_mla_decode_cache_products_in_the_kernel(b, t):
 def test_mla_on_an_empty_batch():
     """An idle expert-parallel rank runs its layers on zero sequences to join the dispatches: MLA's W8A16 paths (the
     per-head products on R1's 128-wide heads, the cache products) take no rows and return an empty batch."""
-    from dataclasses import replace
-
-    from dsr1.config import ModelConfig
     from dsr1.model.attention import MLA
     from dsr1.model.norm import RMSNorm
     from dsr1.model.rope import precompute_freqs_cis
     from dsr1.model.transformer import Transformer
 
-    cfg = replace(ModelConfig.from_file("configs/tiny.json"), n_heads=3, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=256)
+    cfg = r1_heads_config()
     attn = MLA(cfg, fp8=True).to(DEVICE)
     for module in attn.modules():
         if hasattr(module, "gemm"):
