@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import torch
 import torch.distributed as dist
 
 from dsr1 import embedded
+from dsr1.checkpoint.loader import default_device_dtype
+from dsr1.config import ModelConfig
 from dsr1.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.generation import generate
 from dsr1.model.attention import ATTN_IMPLS
-from dsr1.model.fp8_gemm import BACKENDS
+from dsr1.model.fp8_gemm import BACKENDS, select_fp8_backend
 from dsr1.parallel.dist import init_distributed, is_rank0, log_rank0, rank_share
 from dsr1.parallel.launch import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
 from dsr1.parallel.placement import STRATEGIES
@@ -28,21 +31,62 @@ CHECKPOINT_DEFAULTS = {"max_new_tokens": 256, "temperature": 0.6}
 EMBEDDED_DEFAULTS = {"max_new_tokens": embedded.MAX_NEW_TOKENS, "temperature": 0.0}
 
 
+class Parser(argparse.ArgumentParser):
+    """Every error is the one line `generate.py: error: ...`, without the long usage block above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, ok, expected: str):
+    """An argparse type: convert(text), accepted if ok(value), else an error saying what was expected and found."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE = checked(int, lambda n: n >= 1, "an integer >= 1")
+SEED = checked(int, lambda n: -(2**63) <= n < 2**64, "an integer in [-2**63, 2**64)")  # what torch.Generator takes
+TEMPERATURE = checked(float, lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0")
+TOP_P = checked(float, lambda p: 0 < p <= 1, "a number in (0, 1]")
+
+
+def device_arg(text: str) -> str:
+    """--device: cpu, or cuda / cuda:N where this machine has that GPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is not None and (device.type == "cpu" or device.type == "cuda" and (device.index or 0) < gpus):
+        return text
+    cuda = f", cuda or cuda:0..cuda:{gpus - 1}" if gpus else f" (torch {torch.__version__} sees no CUDA device)"
+    raise argparse.ArgumentTypeError(f"expected cpu{cuda}, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="generate.py",
         description="Generate text with DeepSeek-R1. Without --ckpt-path, runs a tiny random-weight checkpoint "
         "(built once into $XDG_CACHE_HOME/dsr1 or ~/.cache/dsr1) on a built-in prompt.",
     )
     model = p.add_argument_group("model")
     model.add_argument("--ckpt-path", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
-    model.add_argument("--device", help="default: cuda:$LOCAL_RANK when CUDA is available, else cpu")
+    model.add_argument("--device", type=device_arg, help="default: cuda:$LOCAL_RANK when CUDA is available, else cpu")
     model.add_argument("--dtype", choices=DTYPES, help="activation/weight dtype; default bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="absorb: cache the MLA latent (default); naive: per-head keys and values")
     model.add_argument("--fp8-weights", action="store_true", help="keep FP8 weights in memory (half of bf16's bytes); see --fp8-gemm")
     model.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="with --fp8-weights, how FP8 weights are multiplied: auto picks "
                        "deepgemm (if importable), else w8a16 (Triton, CUDA), else torch's block-scaled scaled_mm (Hopper), else dequant")
-    model.add_argument("--max-seq-len", type=int, help="longest prompt + generation the model accepts; default max_position_embeddings")
+    model.add_argument("--max-seq-len", type=POSITIVE, help="longest prompt + generation the model accepts; default max_position_embeddings")
     model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
                        "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
     model.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
@@ -55,20 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the R1 chat format (default); --no-chat feeds BOS + the raw prompt")
 
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, help=f"default {CHECKPOINT_DEFAULTS['max_new_tokens']} ({EMBEDDED_DEFAULTS['max_new_tokens']} for the embedded default)")
-    sampling.add_argument("--temperature", type=float, help=f"0 = greedy; default {CHECKPOINT_DEFAULTS['temperature']} as R1 recommends (0 for the embedded default)")
-    sampling.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    sampling.add_argument("--seed", type=int, help="seed for sampling; fixed seed + prompts = same output")
+    sampling.add_argument("--max-new-tokens", type=POSITIVE, help=f"default {CHECKPOINT_DEFAULTS['max_new_tokens']} ({EMBEDDED_DEFAULTS['max_new_tokens']} for the embedded default)")
+    sampling.add_argument("--temperature", type=TEMPERATURE, help=f"0 = greedy; default {CHECKPOINT_DEFAULTS['temperature']} as R1 recommends (0 for the embedded default)")
+    sampling.add_argument("--top-p", type=TOP_P, default=0.95, help="nucleus sampling mass (default 0.95)")
+    sampling.add_argument("--seed", type=SEED, help="seed for sampling; fixed seed + prompts = same output")
 
     output = p.add_argument_group("output")
     output.add_argument("--json", action="store_true", help='one JSON object per prompt per line: {"prompt", "prompt_token_ids", "token_ids", "text"}')
 
     ep = p.add_argument_group("expert parallelism (launch with torchrun --nproc-per-node EP)")
-    ep.add_argument("--ep", type=int, default=1, help="expert-parallel ranks = processes; attention runs data-parallel over them (default 1)")
+    ep.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel ranks = processes; attention runs data-parallel over them (default 1)")
     ep.add_argument("--expert-placement", choices=STRATEGIES, default=DEFAULT_PLACEMENT, help="linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+EP, r+2EP, ...")
     ep.add_argument("--all2all", choices=("torch", "deepep_ll"), default=DEFAULT_ALL2ALL, help="token dispatch: torch.distributed collectives (gloo/NCCL) or DeepEP low-latency kernels")
     ep.add_argument("--deepep-fp8-dispatch", action="store_true", help="DeepEP sends FP8 activations with per-128 scales (default BF16)")
-    ep.add_argument("--max-dispatch-tokens", type=int, default=128, help="tokens per rank per dispatch; longer prefills are split (default 128)")
+    ep.add_argument("--max-dispatch-tokens", type=POSITIVE, default=128, help="tokens per rank per dispatch; longer prefills are split (default 128)")
     return p
 
 
@@ -79,13 +123,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--interactive reads prompts from stdin in the chat format; drop --prompt, --input-file, --json and --no-chat")
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except (ValueError, OSError, ImportError) as e:  # bad input: a file, a checkpoint, a flag the machine can't serve
+        parser.error(str(e))
 
 
 def run(args: argparse.Namespace) -> None:
-    texts = [] if args.interactive else read_prompts(args)  # before the slow load: a bad --input-file fails fast
+    # Everything that can be checked is, before the weights load (minutes for R1).
+    texts = [] if args.interactive else read_prompts(args)
     rank, world, _ = init_distributed()
+    check_device(args)
     if args.ckpt_path is None:
         # The tiny model's ops are too small to gain from intra-op threads, and on a busy machine
         # threads that wait on each other made its 32-token decode 20x slower (0.7 s -> 17 s).
@@ -98,10 +144,20 @@ def run(args: argparse.Namespace) -> None:
         log_rank0(f"no --ckpt-path: running the embedded tiny random-weight checkpoint {path}", file=sys.stderr)
     else:
         path, defaults = Path(args.ckpt_path), CHECKPOINT_DEFAULTS
+    cfg = read_config(args, path)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     tokenizer = load_tokenizer(path)
+    prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
+    max_seq_len = args.max_seq_len or cfg.max_position_embeddings
+    longest = max_seq_len if args.interactive else max(map(len, prompt_ids)) + args.max_new_tokens
+    if longest > max_seq_len:
+        raise ValueError(
+            f"the longest prompt has {longest - args.max_new_tokens} tokens; with --max-new-tokens {args.max_new_tokens} "
+            f"it needs {longest} positions, beyond max_seq_len={max_seq_len} (--max-seq-len, at most max_position_embeddings="
+            f"{cfg.max_position_embeddings}); shorten the prompt or lower --max-new-tokens"
+        )
     model, group = load_ep_model(
         path, args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens,
         device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, gemm=args.fp8_gemm, attn_impl=args.attn_impl,
@@ -111,10 +167,8 @@ def run(args: argparse.Namespace) -> None:
         for line in gather_to_rank0(model.load_stats.summary(), group) or []:
             log_rank0(line, file=sys.stderr)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, group=group)
-    prompt_ids = [encode_prompt(tokenizer, text, chat=args.chat) for text in texts]
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
-    longest = model.max_seq_len if args.interactive else max(map(len, prompt_ids)) + args.max_new_tokens
-    sampling["graphs"] = make_graphs(model, args.cuda_graphs, min(longest, model.max_seq_len), max(len(mine), 1), group, args.compile_decode)
+    sampling["graphs"] = make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
     if args.interactive:
         chat_loop(model, tokenizer, sampling)
         return
@@ -136,16 +190,53 @@ def run(args: argparse.Namespace) -> None:
             log_rank0(f"=== {text}\n{completion}")
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """Raise ValueError if --fp8-gemm or --cuda-graphs on cannot run on the model's device."""
+    device = torch.device(args.device or default_device_dtype()[0])
+    if args.fp8_weights and args.fp8_gemm != "auto":
+        select_fp8_backend(args.fp8_gemm, device)  # raises, naming the flag, where that backend cannot run
+    if args.cuda_graphs == "on" and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs on: expected a CUDA device, got {device}; use --cuda-graphs auto or off")
+
+
+def read_config(args: argparse.Namespace, path: Path) -> ModelConfig:
+    """The checkpoint's config.json, checked against --max-seq-len and --fp8-weights."""
+    config = path / "config.json"
+    if not config.is_file():
+        found = "does not exist" if not path.exists() else "is not a directory" if not path.is_dir() else "has no config.json"
+        raise ValueError(f"--ckpt-path {path}: expected a Hugging Face checkpoint directory, but it {found}")
+    cfg = ModelConfig.from_file(config)
+    if args.max_seq_len is not None and args.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--max-seq-len: expected at most max_position_embeddings={cfg.max_position_embeddings} ({config}), got {args.max_seq_len}")
+    if args.fp8_weights and cfg.quant is None:
+        raise ValueError(f"--fp8-weights: expected an FP8 checkpoint, but {config} has no quantization_config")
+    return cfg
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt values, then the non-blank lines of --input-file; the built-in prompt if neither is given."""
     texts = list(args.prompt)
     if args.input_file is not None:
-        if not args.input_file.is_file():
-            raise FileNotFoundError(f"--input-file {args.input_file} does not exist")
-        texts += [line for line in args.input_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [line for line in read_input_file(args.input_file).splitlines() if line.strip()]
         if not texts:
-            raise ValueError(f"--input-file {args.input_file} holds no prompts (only blank lines)")
+            raise ValueError(f"--input-file {args.input_file}: expected a prompt per line, but it holds only blank lines")
     return texts or [embedded.BUILTIN_PROMPT]
+
+
+def read_input_file(path: Path) -> str:
+    """--input-file's text; a ValueError says what is wrong with the file."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        found = f"is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}, line {line})"
+    except FileNotFoundError:
+        found = "does not exist"
+    except IsADirectoryError:
+        found = "is a directory"
+    except OSError as e:
+        found = f"is unreadable ({e.strerror})"
+    raise ValueError(f"--input-file {path}: expected a UTF-8 text file, but it {found}")
 
 
 def chat_loop(model, tokenizer, sampling: dict) -> None:

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU smoke run on configs/tiny.json (512-token vocabulary); for CI")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--vocab", type=int, default=None, help="override vocab_size")
-    p.add_argument("--gemm", choices=BACKENDS, default="auto", help="dsr1's FP8 matmul backend")
+    p.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="dsr1's FP8 matmul backend")
     p.add_argument("--prefill", default="1x2048,8x512", help="prefill shapes, BATCHxLENGTH, comma-separated")
     p.add_argument("--decode", default="1,8,64", help="decode batch sizes")
     p.add_argument("--dequant-decode", default="1,8", help="decode batch sizes also timed with dsr1's dequant backend ('' for none)")
@@ -93,7 +93,7 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
     model = build_model(cfg, device, dtype, fp8=True, dispatcher=LocalDispatcher(cfg.n_routed_experts, args.chunk), max_seq_len=max_len)
     fill_dsr1(model, cfg, args.seed)
     model.eval()
-    backend = select_fp8_backend(args.gemm, device)
+    backend = select_fp8_backend(args.fp8_gemm, device)
     eager, out = measure.Dsr1Runner(model), {"backend": backend.name, "backends": probe_fp8_backends(device)}
     prompt = check_prompt(args, device)
     use_fp8_gemm(model, backend)
@@ -168,7 +168,7 @@ def run_load(args, raw, cfg, device, dtype) -> dict:
     nbytes = write_checkpoint(cfg, raw, args.load_dir, device, args.seed)
     files = sorted(args.load_dir.glob("*.safetensors"))
     out = {"bytes": nbytes, "disk_gb_per_s": load.disk_read_rate(files) / 1e9, "safetensors_gb_per_s": load.safetensors_read_rate(files, device) / 1e9}
-    t, out["evicted_by"] = load.time_load(args.load_dir, device, dtype, args.gemm)
+    t, out["evicted_by"] = load.time_load(args.load_dir, device, dtype, args.fp8_gemm)
     return {**out, "seconds": t, "gb_per_s": nbytes / t / 1e9}
 
 

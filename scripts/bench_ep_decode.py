@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--placement", nargs="+", default=["linear", "round_robin"])
     p.add_argument("--fp8-dispatch", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = the model's own routing")
-    p.add_argument("--gemm", choices=BACKENDS, default="auto", help="FP8 matmul backend")
+    p.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="FP8 matmul backend")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default="on", help="replay deepep_ll's decode steps from CUDA graphs")
     p.add_argument("--compile-decode", choices=("on", "off"), default="off",
                    help="with CUDA graphs, decoder blocks through torch.compile (off by default: each configuration compiles anew)")
@@ -79,7 +79,7 @@ def main() -> None:
             continue
         placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
         dispatcher = make_dispatcher(all2all, placement, group, max(args.batch), cfg.dim, fp8 == "on")
-        model = build(cfg, dispatcher, device, dtype, args.gemm, max_len)
+        model = build(cfg, dispatcher, device, dtype, args.fp8_gemm, max_len)
         base = [m.gate.bias.clone() for m in model.modules() if isinstance(m, MoE)]
         graphs = args.cuda_graphs == "on" and device.type == "cuda" and dispatcher.capturable
         for skew, batch in itertools.product(args.skew, args.batch):

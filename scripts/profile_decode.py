@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "configs/r1-5layer.json")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--gemm", choices=BACKENDS, default="auto")
+    p.add_argument("--fp8-gemm", choices=BACKENDS, default="auto")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--compile", action="store_true", help="decoder blocks through torch.compile")
     p.add_argument("--calls", default=None, help="also list each call of the kernels whose name contains this, in launch order")
@@ -38,7 +38,7 @@ def main() -> None:
     cfg = ModelConfig.from_file(args.config)
     model = build_model(cfg, device, torch.bfloat16, fp8=True, max_seq_len=args.context + 8).eval()
     fill_dsr1(model, cfg)
-    use_fp8_gemm(model, select_fp8_backend(args.gemm, device))
+    use_fp8_gemm(model, select_fp8_backend(args.fp8_gemm, device))
     runner = Dsr1Runner(model)
     run_block = compiled_block() if args.compile else None
     with torch.inference_mode():

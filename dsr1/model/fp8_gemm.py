@@ -163,7 +163,7 @@ def select_fp8_backend(name: str = "auto", device: torch.device | str | None = N
     """The backend called `name` for `device` (default CPU), or with 'auto' the first that works of deepgemm,
     w8a16, scaled_mm, dequant. Naming a backend that cannot run on the device is an error."""
     if name not in BACKENDS:
-        raise ValueError(f"--gemm {name!r} is not one of {BACKENDS}")
+        raise ValueError(f"--fp8-gemm {name!r} is not one of {BACKENDS}")
     device = torch.device(device or "cpu")
     auto = [c for c in BACKENDS[1:] if device.type == "cuda" or c == "dequant"]  # the others are for GPUs (w8a16 on CPU: tests)
     for candidate in auto if name == "auto" else (name,):
@@ -171,7 +171,7 @@ def select_fp8_backend(name: str = "auto", device: torch.device | str | None = N
         if backend is not None:
             return backend
         if name != "auto":
-            raise ValueError(f"--gemm {name} cannot run on {device}: {status}; use --gemm auto or dequant")
+            raise ValueError(f"--fp8-gemm {name} cannot run on {device}: {status}; use --fp8-gemm auto or dequant")
     raise AssertionError("dequant always works")
 
 

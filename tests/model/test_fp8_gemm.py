@@ -88,9 +88,9 @@ def test_shapes_the_fp8_matmul_cannot_take_fall_back_to_dequant():
 def test_selection_on_cpu():
     assert select_fp8_backend("auto", "cpu") is DEQUANT
     assert select_fp8_backend("dequant") is DEQUANT
-    with pytest.raises(ValueError, match="--gemm scaled_mm cannot run on cpu: needs a CUDA device"):
+    with pytest.raises(ValueError, match="--fp8-gemm scaled_mm cannot run on cpu: needs a CUDA device"):
         select_fp8_backend("scaled_mm", "cpu")
-    with pytest.raises(ValueError, match="--gemm 'cublas' is not one of"):
+    with pytest.raises(ValueError, match="--fp8-gemm 'cublas' is not one of"):
         select_fp8_backend("cublas")
     assert fp8_gemm.probe_fp8_backends("cpu")["dequant"] == "ok"
 
