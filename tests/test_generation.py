@@ -146,10 +146,22 @@ def test_cli_json_prompts_and_input_file(ckpt, tmp_path):
         assert len(r["token_ids"]) <= 4 and r["text"] == decode(tok, r["token_ids"])
 
 
-def test_cli_embedded_default(tmp_path):
+def test_cli_embedded_default(ckpt, model, tmp_path):
     proc = run_cli(env={"XDG_CACHE_HOME": str(tmp_path)})
-    assert proc.stdout.strip()
-    assert [p.name[:5] for p in (tmp_path / "dsr1").iterdir()] == ["tiny-"]  # no half-built temp dir left
+    (cached,) = (tmp_path / "dsr1").iterdir()  # no half-built temp dir left
+    assert cached.name.startswith("tiny-") and str(cached) in proc.stderr
+    from dsr1.tokenizer import decode, encode_prompt, load_tokenizer
+
+    # What the default run must print (dsr1/embedded.py): configs/tiny.json's FP8 checkpoint of seed 0 (the
+    # `model` fixture, written here independently of the CLI's cache) in fp32 on the CPU, answering the built-in
+    # prompt in the chat format with 32 greedy tokens, streamed, then a newline. The tokens come from the
+    # no-cache oracle, cut at the first EOS.
+    tok = load_tokenizer(ckpt)
+    ids = greedy_by_recompute(model, encode_prompt(tok, "What is the capital of France?", chat=True), 32)
+    eos = model.cfg.eos_token_id
+    ids = ids[: ids.index(eos)] if eos in ids else ids
+    assert len(ids) > 8  # a real answer to compare, not an early EOS
+    assert proc.stdout == decode(tok, ids) + "\n"
 
 
 def test_cli_interactive_clear_resets_history(ckpt):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from dsr1 import load_model  # noqa: E402
 from dsr1.eval import lm_eval as adapter  # noqa: E402
 from dsr1.eval.lm_eval import DSR1LM, StopStrings, resolve_batch_size, resolve_device  # noqa: E402
 from dsr1.generation import generate  # noqa: E402
-from dsr1.tokenizer import BOS, EOS  # noqa: E402
+from dsr1.tokenizer import BOS, EOS, decode, encode_prompt, load_tokenizer  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
@@ -185,14 +187,83 @@ def test_strip_thinking(lm, monkeypatch):
         assert lm.tok_decode(pieces[: first + 1]).endswith(expected)
 
 
+GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]  # evals/tasks/gsm8k_local/gsm8k_local.yaml's generation_kwargs
+GSM8K_STRICT = r"#### (\-?[0-9\.\,]+)"
+GSM8K_FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+
+
+def gsm8k_extract(text: str, pattern: str, which: int) -> str:
+    """gsm8k's regex filter: match `which` of the pattern, its first non-empty group; "[invalid]" if none."""
+    matches = re.findall(pattern, text)
+    if not matches:
+        return "[invalid]"
+    match = matches[which]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), "[invalid]")
+    return match.strip()
+
+
+def gsm8k_normalize(text: str) -> str:
+    """gsm8k's exact_match: drop the regexes_to_ignore, ignore case."""
+    for regex in (",", r"\$", "(?s).*#### ", r"\.$"):
+        text = re.sub(regex, "", text)
+    return text.lower()
+
+
 @pytest.mark.slow  # a fresh interpreter; lm-eval alone spends ~15 s indexing its built-in tasks
 def test_run_lm_eval_gsm8k_tiny(ckpt, tmp_path):
+    """evals/run_lm_eval.py scores what the model generates: gsm8k_tiny's metrics equal gsm8k's extraction and
+    exact match applied here to greedy completions from dsr1.generation, and a 0-shot copy of it whose first target
+    is the model's own completion (the second keeps its real answer) scores exactly 0.5."""
+    model = load_model(ckpt, device="cpu", dtype=torch.float32, progress=False)  # as the run loads it: fp32 on CPU
+    tok = load_tokenizer(ckpt)
+
+    def completion(context: str) -> str:
+        """Greedy, at most 16 tokens or up to EOS, cut at the first stop string."""
+        text = decode(tok, generate(model, [encode_prompt(tok, context, chat=False)], 16)[0])
+        return min((text[: text.index(s)] for s in GSM8K_UNTIL if s in text), key=len, default=text)
+
+    tiny = REPO / "evals" / "tasks" / "gsm8k_tiny"
+    docs = [json.loads(line) for line in (tiny / "test.jsonl").read_text().splitlines()[:2]]
+    own = completion(f"Question: {docs[0]['question']}\nAnswer:")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in [{**docs[0], "answer": own}, docs[1]]))
+    self_task = {
+        "include": str(tiny / "gsm8k_tiny.yaml"), "task": "gsm8k_tiny_self", "num_fewshot": 0,
+        "dataset_kwargs": {"data_files": {"train": str(tiny / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}},
+        "filter_list": [{"name": "whole", "filter": [{"function": "take_first"}]}],  # the whole completion
+    }
+    (tmp_path / "self.yaml").write_text(json.dumps(self_task))  # JSON is YAML
+
     cmd = [sys.executable, str(REPO / "evals" / "run_lm_eval.py"), "--model", "dsr1", "--model_args", f"ckpt_path={ckpt},max_gen_toks=16"]
-    cmd += ["--device", "cpu", "--batch_size", "2", "--include_path", "evals/tasks", "--tasks", "gsm8k_tiny", "--limit", "2", "--output_path", str(tmp_path)]
-    subprocess.run(cmd, check=True, cwd=REPO, env=OFFLINE, capture_output=True, text=True)
-    (results_file,) = tmp_path.rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]["gsm8k_tiny"]
-    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= results.keys()
+    cmd += ["--device", "cpu", "--batch_size", "2", "--include_path", "evals/tasks", "--tasks", f"gsm8k_tiny,{tmp_path / 'self.yaml'}"]
+    cmd += ["--limit", "2", "--output_path", str(tmp_path / "out"), "--log_samples"]
+    subprocess.run(cmd, check=True, cwd=REPO, env={**OFFLINE, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+
+    (samples_file,) = (f for f in (tmp_path / "out").rglob("samples_gsm8k_tiny_*.jsonl") if "_self_" not in f.name)
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert sorted((s["filter"], s["doc_id"]) for s in samples) == [(f, i) for f in ("flexible-extract", "strict-match") for i in (0, 1)]
+    expected = {"strict-match": [], "flexible-extract": []}
+    for s in samples:
+        context = s["arguments"]["gen_args_0"]["arg_0"]  # the 5-shot prompt lm-eval built
+        assert context.endswith(f"Question: {docs[s['doc_id']]['question']}\nAnswer:") and s["target"] == docs[s["doc_id"]]["answer"]
+        text = completion(context)
+        assert s["resps"] == [[text]]
+        extracted = gsm8k_extract(text, GSM8K_STRICT, 0) if s["filter"] == "strict-match" else gsm8k_extract(text, GSM8K_FLEXIBLE, -1)
+        assert s["filtered_resps"] == [extracted]
+        score = float(gsm8k_normalize(extracted) == gsm8k_normalize(docs[s["doc_id"]]["answer"]))
+        assert s["exact_match"] == score
+        expected[s["filter"]].append(score)
+    for name, scores in expected.items():
+        assert results["gsm8k_tiny"][f"exact_match,{name}"] == pytest.approx(sum(scores) / len(scores))
+
+    (own_file,) = (tmp_path / "out").rglob("samples_gsm8k_tiny_self_*.jsonl")
+    own_samples = sorted((json.loads(line) for line in own_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert own_samples[0]["arguments"]["gen_args_0"]["arg_0"] == f"Question: {docs[0]['question']}\nAnswer:"
+    assert own_samples[0]["resps"] == [[own]]
+    assert [s["exact_match"] for s in own_samples] == [1.0, 0.0]
+    assert results["gsm8k_tiny_self"]["exact_match,whole"] == 0.5
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsr1 import load_model
+from dsr1 import ModelConfig, load_model
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import checkpoint_tensors
-from dsr1.checkpoint.loader import INDEX_FILE, SINGLE_FILE
+from dsr1.checkpoint.loader import INDEX_FILE, SINGLE_FILE, build_model
 
 
 def saved(path: Path) -> dict[str, torch.Tensor]:
@@ -128,7 +128,30 @@ def test_fp8_in_memory_needs_an_fp8_checkpoint(small_checkpoint):
         load_model(small_checkpoint("bf16"), device="cpu", fp8=True, progress=False)
 
 
+def built_in_memory(path: Path, dtype: torch.dtype):
+    """The oracle: the model built in memory from the checkpoint's tensors, each FP8 weight dequantized here into
+    a dense parameter. None of the loader's reading (index, shards, batches, FP8 kept in memory) is involved; it
+    shares only build_model and the name table (checked by hand in test_hf_names_land_in_the_right_parameters)."""
+    cfg = ModelConfig.from_file(path)
+    model = build_model(cfg, "cpu", dtype, fp8=False)
+    tensors = saved(path)
+    for spec in checkpoint_tensors(cfg, fp8=True):
+        if not spec.is_scale:
+            value = tensors[spec.hf_name]
+            if value.dtype == FP8_DTYPE:
+                value = dequantize(value, tensors[spec.scale_name], dtype)
+            model_value(model, spec).copy_(value)
+    return model.eval()
+
+
 def test_loaded_model_runs(small_checkpoint):
-    model = load_model(small_checkpoint("fp8"), device="cpu", fp8=True, dtype=torch.bfloat16, progress=False)
-    logits = model(torch.tensor([[0, 5, 7, 9]]))
-    assert logits.shape == (1, 4, 512) and torch.isfinite(logits).all()
+    """FP8 weights kept in memory with bf16 activations give exactly the logits of the model built in memory from the
+    same tensors: on the CPU each FP8 matmul multiplies by dequantize(weight, scale, bf16), the oracle's weights."""
+    path = small_checkpoint("fp8")
+    model = load_model(path, device="cpu", fp8=True, dtype=torch.bfloat16, progress=False)
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0  # BOS
+    with torch.inference_mode():
+        logits, want = model(x), built_in_memory(path, torch.bfloat16)(x)
+    assert logits.shape == (2, 16, 512) and torch.isfinite(logits).all()
+    assert torch.equal(logits, want)

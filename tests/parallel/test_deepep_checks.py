@@ -1,17 +1,43 @@
 """DeepEP LL argument checks and the dispatcher factory: no GPU, no deep_ep needed."""
 
+from __future__ import annotations
+
 import sys
+from pathlib import Path
 
 import pytest
 
+from dsr1.config import ModelConfig
 from dsr1.parallel.deepep import check_low_latency_args, check_top_k
 from dsr1.parallel.dispatch import LocalDispatcher, make_dispatcher
 from dsr1.parallel.placement import expert_placement
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def refusal(**args) -> str | None:
+    """check_low_latency_args' error message, or None if it accepts the arguments."""
+    try:
+        check_low_latency_args(**args)
+    except ValueError as e:
+        return str(e)
+    return None
+
 
 def test_r1_shapes_pass():
-    check_low_latency_args(hidden=7168, n_experts=256, ep_size=8, max_tokens=128, fp8_dispatch=True)
-    check_top_k(8)
+    """R1's own config (configs/deepseek-r1.json) passes at every power-of-two EP size, BF16 or FP8 dispatch;
+    only an EP size that does not divide its 256 experts (3 here) is refused."""
+    cfg = ModelConfig.from_file(REPO / "configs" / "deepseek-r1.json")
+    assert (cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts) == (7168, 256, 8)
+    verdicts = {
+        (ep_size, fp8): refusal(hidden=cfg.dim, n_experts=cfg.n_routed_experts, ep_size=ep_size, max_tokens=128, fp8_dispatch=fp8)
+        for ep_size in (1, 2, 3, 4, 8, 16, 32, 64, 128, 256)
+        for fp8 in (False, True)
+    }
+    refused = {key: msg for key, msg in verdicts.items() if msg is not None}
+    assert set(refused) == {(3, False), (3, True)}, refused
+    assert all("got 256 % 3" in msg for msg in refused.values())
+    assert check_top_k(cfg.n_activated_experts) is None
 
 
 @pytest.mark.parametrize(

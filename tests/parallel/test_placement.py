@@ -59,7 +59,13 @@ def test_to_physical_maps_ids_and_keeps_minus_one():
 
 
 def test_exported_from_package():
-    assert dsr1.expert_placement is expert_placement
+    assert "expert_placement" in dsr1.__all__ and dsr1.expert_placement is expert_placement
+    # Called through the package: 8 experts over 4 ranks, rank 1 (the worked example above).
+    rr = dsr1.expert_placement(8, 4, 1, "round_robin")
+    assert rr.local_expert_global_ids.tolist() == [1, 5] and rr.global_to_physical.tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    linear = dsr1.expert_placement(8, 4, 1)  # linear is the default strategy
+    assert linear.strategy == "linear" and linear.local_expert_global_ids.tolist() == [2, 3]
+    assert linear.global_to_physical.tolist() == list(range(8))
 
 
 def test_errors():
