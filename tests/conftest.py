@@ -17,6 +17,10 @@ from dsr1.checkpoint.synthetic import write_checkpoint
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=300, help="cases of tests/checkpoint/test_fuzz.py (seeded corruptions of a checkpoint)")
+
+
 def pytest_configure(config):
     # Tiny models: intra-op threads cost more than they save, and with other processes on the
     # machine their spin-waiting makes a forward pass 30x slower.

@@ -4,6 +4,7 @@ and what was found, with exit status 2 and, except for a checkpoint the loader r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,17 @@ def test_bad_input_is_one_line_before_loading(argv, fragments, inputs, request, 
     assert err.startswith("generate.py: error: ") and err.count("\n") == 1, err
     for fragment in fragments:
         assert fragment.format(tmp=inputs) in err
+    if not GPUS:  # docs/RELIABILITY.md shows each case's message as printed on a machine without CUDA
+        shown = err.removeprefix("generate.py: error: ").strip().replace(str(inputs), "T").replace(torch.__version__, "<torch>")
+        assert shown == documented()[request.node.callspec.id]
+
+
+def documented() -> dict[str, str]:
+    """docs/RELIABILITY.md's generate.py table: case id -> the message after `generate.py: error: `."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "RELIABILITY.md").read_text()
+    rows = re.findall(r"^\| `([\w-]+)` \| `generate.py .*` \| 2 \| `(.*)` \|$", doc, re.M)
+    return dict(rows)
+
+
+def test_the_reliability_table_lists_every_case():
+    assert list(documented()) == list(CASES)

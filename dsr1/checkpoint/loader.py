@@ -1,20 +1,22 @@
 """Load a Hugging Face DeepSeek-R1 checkpoint directory into a `Transformer`.
 
 Shard names come from `model.safetensors.index.json` (or the directory holds one `model.safetensors`);
-other files are ignored. Before any memory is allocated for weights, the index is checked against the
-config (every tensor present, nothing unknown but the MTP layers) and each tensor this process reads
-is checked for shape and dtype in its shard's header. The bytes are then read straight into the
-parameters (dsr1/checkpoint/reader.py: parallel reads, through pinned buffers to a GPU), never into a
-state dict; tensors that change dtype on the way (FP8 weights dequantized at load, bf16 into an fp32
-model) are read into temporaries a batch at a time and converted. An expert-parallel rank reads the
-replicated tensors and its own routed experts only; shards holding none of them are never opened.
+other files are ignored. The directory is untrusted: every file read (config, index, shards) must
+resolve, symlinks followed, to a regular file inside it. Before any memory is allocated for weights,
+the index is checked against the config (every tensor present, nothing unknown but the MTP layers)
+and every tensor it lists, read by this process or not, is checked for shape and dtype in its
+shard's header. The bytes are then read straight into the parameters (dsr1/checkpoint/reader.py:
+parallel reads, through pinned buffers to a GPU), never into a state dict; tensors that change dtype
+on the way (FP8 weights dequantized at load, bf16 into an fp32 model) are read into temporaries a
+batch at a time and converted. An expert-parallel rank reads the bytes of the replicated tensors and
+its own routed experts only; of shards holding none of them it reads the header alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors, routed_expert_id
-from dsr1.checkpoint.reader import Read, Reader, TensorEntry, read_header
+from dsr1.checkpoint.reader import Read, Reader, TensorEntry, json_object, read_header
 from dsr1.config import ModelConfig
 from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.transformer import Transformer
@@ -45,7 +47,7 @@ class LoadStats:
     bytes_read: int
     tensors_total: int
     bytes_total: int
-    shards_opened: int
+    shards_opened: int  # shards whose tensor bytes this process read (it reads every shard's header)
     shards_total: int
     ideal_bytes: int
 
@@ -63,63 +65,86 @@ class LoadStats:
 
 
 class Checkpoint:
-    """A checkpoint directory: its config, which shard holds each tensor, and the headers of the shards read so far."""
+    """A checkpoint directory: its config, which shard holds each tensor, where each shard file lies, and the
+    headers of the shards read so far."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
-        self.config = ModelConfig.from_file(self.path / "config.json")
+        self.root = self.path.resolve()  # every file read lies inside it (or, for a hub snapshot, in its repo's blobs)
+        self.roots = [self.root, *hub_blobs(self.root)]
+        self.config = ModelConfig.from_file(self._inside("config.json", str(self.path / "config.json")))
         self.weight_map: dict[str, str] = {}  # tensor name -> shard file name
+        self.files: dict[str, Path] = {}  # shard file name -> the file, resolved
         self._headers: dict[str, dict[str, TensorEntry]] = {}  # shard file name -> its tensors
-        index = self.path / INDEX_FILE
+        index = self._inside(INDEX_FILE, str(self.path / INDEX_FILE))
         if index.is_file():
             self.weight_map = _read_index(index)
-        elif (self.path / SINGLE_FILE).is_file():
+            for name, shard in self.weight_map.items():  # before any shard is opened
+                if shard not in self.files:
+                    self.files[shard] = self._inside(shard, f"{index}: tensor {name!r} is in shard {shard!r}, which")
+        elif (single := self._inside(SINGLE_FILE, str(self.path / SINGLE_FILE))).is_file():
+            self.files[SINGLE_FILE] = single
             self.weight_map = {name: SINGLE_FILE for name in self.header(SINGLE_FILE)}
         else:
             raise FileNotFoundError(f"{self.path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
-        self.shards = sorted(set(self.weight_map.values()))
+        self.shards = sorted(self.files)
         # Every rank fails alike on a missing shard, even one it would not read.
-        absent = [s for s in self.shards if not (self.path / s).is_file()]
+        absent = [s for s in self.shards if not self.files[s].exists()]
         if absent:
             raise FileNotFoundError(f"{len(absent)} shard files listed in {index} are missing: " + "; ".join(map(self._describe_shard, absent[:5])))
         self.tensors_read = self.bytes_read = 0
+        self.shards_read: set[str] = set()  # the shards whose tensor bytes were read
+
+    def _inside(self, name: str, what: str) -> Path:
+        """The directory's file `name`, symlinks resolved. ValueError (`what`, then what is wrong) unless it lies
+        inside the directory and is a regular file or absent (the caller reports an absent file). Nothing is opened."""
+        try:
+            path = (self.root / name).resolve()
+            if not any(path.is_relative_to(root) for root in self.roots):
+                problem = f"resolves to {path}"
+            elif path.exists() and not path.is_file():
+                problem = f"resolves to {path}, not a regular file"
+            else:
+                return path
+        except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long or holding a NUL byte
+            problem = f"cannot be resolved ({e})"
+        raise ValueError(f"{what} {problem}; expected a file inside {' or '.join(map(str, self.roots))}")
 
     @property
     def is_fp8(self) -> bool:
         return self.config.quant is not None
 
-    @property
-    def opened(self) -> set[str]:
-        """The shards whose headers were read so far."""
-        return set(self._headers)
-
     def header(self, filename: str) -> dict[str, TensorEntry]:
         """The tensors of shard `filename` (its header, read and checked once)."""
         if filename not in self._headers:
             try:
-                self._headers[filename] = read_header(self.path / filename)
+                self._headers[filename] = read_header(self.files[filename])
             except (OSError, ValueError) as e:
                 raise ValueError(f"{self._describe_shard(filename)} is truncated or corrupt: {e}") from e
         return self._headers[filename]
 
     def _describe_shard(self, filename: str) -> str:
         names = [n for n, f in self.weight_map.items() if f == filename]
-        return f"shard {self.path / filename}" + (f" (holding {len(names)} tensors, e.g. {names[0]})" if names else "")
+        return f"shard {self.path / filename}" + (f" (holding {len(names)} tensors, e.g. {names[0]!r})" if names else "")
 
     def total_bytes(self) -> int:
-        return sum((self.path / s).stat().st_size for s in self.shards)
+        return sum(self.files[s].stat().st_size for s in self.shards)
 
-    def check(self, specs: list[TensorSpec], load_mtp: bool, rank: int = 0) -> None:
-        """Raise unless the checkpoint holds what the config implies and `specs` (this rank's tensors)
-        have the right shape and dtype. Only the shards holding `specs` are opened (headers only)."""
-        self.check_names(load_mtp, {s.expert_id for s in specs if s.expert_id is not None}, rank)
-        for spec in specs:
+    def check(self, every: list[TensorSpec], load_mtp: bool, expert_ids: list[int], rank: int = 0) -> None:
+        """Raise unless the index lists exactly the tensors of `every` (all the config implies, MTP layers included,
+        which may be absent unless `load_mtp`) and each has the shape and dtype `every` gives in its shard's header.
+        Reads every shard's header, whichever tensors this rank (holding routed experts `expert_ids`) will read,
+        and no tensor bytes."""
+        self.check_names(every, load_mtp, set(expert_ids), rank)
+        for spec in every:
+            if spec.hf_name not in self.weight_map:  # an MTP tensor, not loaded (check_names let it pass)
+                continue
             entry = self.entry(spec, rank)
             if entry.shape != spec.shape or entry.dtype != spec.dtype:
                 raise ValueError(
-                    f"rank {rank}: tensor {spec.hf_name} in shard {self.weight_map[spec.hf_name]}: expected shape {list(spec.shape)} "
+                    f"rank {rank}: tensor {spec.hf_name} in shard {self.weight_map[spec.hf_name]!r}: expected shape {list(spec.shape)} "
                     f"dtype {spec.dtype}, found shape {list(entry.shape)} dtype {entry.dtype}"
                 )
 
@@ -128,16 +153,15 @@ class Checkpoint:
         filename = self.weight_map[spec.hf_name]
         entry = self.header(filename).get(spec.hf_name)
         if entry is None:
-            raise ValueError(f"rank {rank}: tensor {spec.hf_name} is listed in {INDEX_FILE} for shard {filename}, which does not hold it")
+            raise ValueError(f"rank {rank}: tensor {spec.hf_name} is listed in {INDEX_FILE} for shard {filename!r}, which does not hold it")
         return entry
 
-    def check_names(self, load_mtp: bool, local_expert_ids: set[int], rank: int) -> None:
-        """The index (names only) holds every tensor of every expert the config implies, and no tensor
-        it does not know: all ranks see the same names, so all of them fail together."""
+    def check_names(self, every: list[TensorSpec], load_mtp: bool, local_expert_ids: set[int], rank: int) -> None:
+        """The index (names only) holds every tensor of `every` (MTP ones only with `load_mtp`), and no other:
+        all ranks see the same names, so all of them fail together."""
         cfg = self.config
-        expected = checkpoint_tensors(cfg, self.is_fp8, mtp=load_mtp)
-        known = {s.hf_name for s in checkpoint_tensors(cfg, self.is_fp8, mtp=True)}  # MTP tensors are known, read only with load_mtp
-        missing = [s for s in expected if s.hf_name not in self.weight_map]
+        known = {s.hf_name for s in every}
+        missing = [s for s in every if s.hf_name not in self.weight_map and (load_mtp or not is_mtp(s))]
         unexpected = [n for n in self.weight_map if n not in known]
         if not missing and not unexpected:
             return
@@ -145,7 +169,7 @@ class Checkpoint:
         if missing:
             lines.append(f"  {len(missing)} missing tensors, e.g. " + ", ".join(_describe(s, local_expert_ids, rank) for s in missing[:5]))
         if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected tensors, e.g. " + ", ".join(f"{n} (in {self.weight_map[n]})" for n in unexpected[:5]))
+            lines.append(f"  {len(unexpected)} unexpected tensors, e.g. " + ", ".join(f"{n!r} (in {self.weight_map[n]!r})" for n in unexpected[:5]))
         absent = sorted({s.expert_id for s in missing if s.expert_id is not None})
         extra = sorted({e for n in unexpected if (e := routed_expert_id(n)) is not None and e >= cfg.n_routed_experts})
         if absent:
@@ -159,18 +183,46 @@ class Checkpoint:
     def read_into(self, spec: TensorSpec, dest: torch.Tensor) -> Read:
         """The read that fills `dest` (a contiguous tensor of the spec's dtype and shape) with `spec`'s bytes."""
         entry = self.entry(spec)
+        filename = self.weight_map[spec.hf_name]
         self.tensors_read += 1
         self.bytes_read += entry.end - entry.start
-        return Read(self.path / self.weight_map[spec.hf_name], entry.start, dest.view(-1).view(torch.uint8), spec.hf_name)
+        self.shards_read.add(filename)
+        return Read(self.files[filename], entry.start, dest.view(-1).view(torch.uint8), spec.hf_name)
+
+
+def is_mtp(spec: TensorSpec) -> bool:
+    """Whether `spec` belongs to a multi-token-prediction layer (read only with load_mtp)."""
+    return spec.param.startswith("mtp.")
+
+
+def local_specs(specs: list[TensorSpec], expert_ids: list[int]) -> list[TensorSpec]:
+    """The tensors of `specs` (listing every routed expert) a rank holding `expert_ids` reads, each routed
+    expert's in its local slot (its place in `expert_ids`)."""
+    slot = {e: i for i, e in enumerate(expert_ids)}
+    return [s if s.expert_id is None else replace(s, slot=slot[s.expert_id]) for s in specs if s.expert_id is None or s.expert_id in slot]
+
+
+def hub_blobs(root: Path) -> list[Path]:
+    """[the repo's blobs/] if `root` is a Hugging Face hub cache snapshot (models--org--name/snapshots/rev,
+    whose files are symlinks to ../../blobs/sha), else []."""
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return [repo / "blobs"]
+    return []
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name); ValueError unless it is one, of non-empty names."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
-    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        contents = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=json_object)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{index}: not valid JSON ({e})") from e
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index}: tensor {name!r} is in shard {shard!r:.200}, expected a shard file name")
     return weight_map
 
 
@@ -237,24 +289,25 @@ def load_model(
     if fp8 and not ckpt.is_fp8:
         raise ValueError(f"fp8=True keeps FP8 weights in memory, but {ckpt.path} is not an FP8 checkpoint (no quantization_config)")
     expert_ids = local_experts(cfg, dispatcher, rank)
-    specs = checkpoint_tensors(cfg, ckpt.is_fp8, expert_ids=expert_ids, mtp=load_mtp)
-    ckpt.check(specs, load_mtp, rank)  # nothing is allocated or copied before this passes
+    every = checkpoint_tensors(cfg, ckpt.is_fp8, mtp=True)  # the one tensor list of this load
+    ckpt.check(every, load_mtp, expert_ids, rank)  # nothing is allocated or copied before this passes
+    loaded = [s for s in every if load_mtp or not is_mtp(s)]
+    specs = local_specs(loaded, expert_ids)
     model = build_model(cfg, device, dtype, fp8, dispatcher=dispatcher, attn_impl=attn_impl, max_seq_len=max_seq_len, load_mtp=load_mtp)
     copy_weights(ckpt, specs, model, fp8, progress)
     if fp8:
         use_fp8_gemm(model, select_fp8_backend(gemm, device))
 
-    every = checkpoint_tensors(cfg, ckpt.is_fp8, mtp=load_mtp)
-    routed = sum(s.nbytes for s in every if s.expert_id is not None)
+    routed = sum(s.nbytes for s in loaded if s.expert_id is not None)
     model.load_stats = LoadStats(
         rank=rank,
         tensors_read=ckpt.tensors_read,
         bytes_read=ckpt.bytes_read,
         tensors_total=len(ckpt.weight_map),
         bytes_total=ckpt.total_bytes(),
-        shards_opened=len(ckpt.opened),
+        shards_opened=len(ckpt.shards_read),
         shards_total=len(ckpt.shards),
-        ideal_bytes=sum(s.nbytes for s in every) - routed + routed * len(expert_ids) // cfg.n_routed_experts,
+        ideal_bytes=sum(s.nbytes for s in loaded) - routed + routed * len(expert_ids) // cfg.n_routed_experts,
     )
     return model.eval()
 

@@ -14,9 +14,10 @@ Reads are plain buffered preads (they go through the page cache), which release 
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
+import stat
 from collections import deque
 from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,12 @@ import torch
 
 from dsr1.checkpoint.fp8 import FP8_DTYPE
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": FP8_DTYPE}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": FP8_DTYPE}  # the ones loaded
+DTYPE_BITS = {  # every safetensors dtype: the others are reported by name when a checkpoint holds one
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4,
+    "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 THREADS = 8  # reads in flight: one sequential stream does not saturate an NVMe disk
 CHUNK = 32 << 20  # bytes per read; a GPU reader holds 2 * THREADS pinned buffers of this size
@@ -56,38 +62,79 @@ class Read:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """The tensors of the safetensors file `path`; ValueError (saying what is wrong) unless the header parses
-    and every tensor's bytes lie inside the file and match its shape and dtype."""
-    size = path.stat().st_size
+    """The tensors of the safetensors file `path`. ValueError, naming the file and saying what is wrong, unless
+    it is a regular file whose header is a UTF-8 JSON object without duplicate keys, whose `__metadata__` maps
+    strings to strings, and whose every other entry gives a safetensors dtype, a shape of non-negative ints and
+    data_offsets inside the file, as many bytes as the shape and dtype take, sharing none with another tensor."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block
+        raise ValueError(f"{path}: expected a regular file")
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            raise ValueError(f"{path}: {size} bytes, shorter than the 8-byte header length")
         n = int.from_bytes(head, "little")
         if n > min(MAX_HEADER, size - 8):
-            raise ValueError(f"header length {n} does not fit in a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"header is not JSON ({e})") from e
+            raise ValueError(f"{path}: header length {n} does not fit in a {size}-byte file (at most {MAX_HEADER} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=json_object)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    base, entries = 8 + n, {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = (int(v) for v in meta["data_offsets"])
-            shape, dtype_name = tuple(int(d) for d in meta["shape"]), str(meta["dtype"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"tensor {name}: header entry {meta!r} lacks dtype, shape or data_offsets ({e!r})") from e
-        dtype = SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
-        if not 0 <= start <= end or base + end > size:
-            raise ValueError(f"tensor {name}: bytes [{start}, {end}) after the header end past the file's {size - base}")
-        if isinstance(dtype, torch.dtype) and end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name}: {end - start} bytes for shape {list(shape)} of {dtype}")
-        entries[name] = TensorEntry(dtype, shape, base + start, base + end)
+        raise ValueError(f"{path}: header is not a JSON object, found {header!r:.200}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings, found {metadata!r:.200}")
+    entries = {name: _entry(path, name, meta, 8 + n, size) for name, meta in header.items()}
+    spans = sorted((e.start, e.end, name) for name, e in entries.items() if e.end > e.start)
+    for (start, end, name), (next_start, next_end, next_name) in zip(spans, spans[1:]):
+        if next_start < end:
+            raise ValueError(f"{path}: tensors {name!r} (bytes [{start}, {end})) and {next_name!r} (bytes [{next_start}, {next_end})) overlap")
     return entries
+
+
+def _entry(path: Path, name: str, meta, base: int, size: int) -> TensorEntry:
+    """The header entry `meta` of tensor `name`, checked, with offsets made absolute (`base`: the header's end)."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise ValueError(f"{where}: expected an object with dtype, shape and data_offsets, found {meta!r:.200}")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise ValueError(f"{where}: unknown dtype {dtype!r:.200}, expected one of {', '.join(DTYPE_BITS)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ValueError(f"{where}: shape {shape!r:.200}, expected a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise ValueError(f"{where}: data_offsets {offsets!r:.200}, expected two non-negative integers")
+    start, end = offsets
+    if start > end or end > size - base:
+        raise ValueError(f"{where}: data_offsets [{start}, {end}), expected start <= end <= {size - base} (the bytes after the header)")
+    numel = functools.reduce(lambda m, d: min(m * d, 1 << 64), shape, 1)  # exact below 2**64 (no file holds more)
+    bits = numel * DTYPE_BITS[dtype]
+    if bits != 8 * (end - start):
+        need = "2**64 elements or more" if numel == 1 << 64 else f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
+        raise ValueError(f"{where}: {end - start} bytes, expected {need} for shape {shape!r:.200} of {dtype}")
+    return TensorEntry(SAFETENSORS_DTYPES.get(dtype, dtype), tuple(shape), base + start, base + end)
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0  # JSON true/false are bools, not counts
+
+
+def json_object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object (json.loads' object_pairs_hook) as a dict; ValueError on a duplicate key, or on a key or
+    string value holding a lone surrogate escape such as "\\ud800" (not UTF-8: it could not be printed)."""
+    out = {}
+    for key, value in pairs:
+        for s in (key, value) if isinstance(value, str) else (key,):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"the string {s!r:.200} is not valid UTF-8 (a lone surrogate escape)") from None
+        if key in out:
+            raise ValueError(f"duplicate key {key!r:.200}")
+        out[key] = value
+    return out
 
 
 @dataclass

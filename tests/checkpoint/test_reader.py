@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,9 +91,9 @@ def test_truncated_after_the_header_check(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda h: {**h, "t": {**h["t"], "data_offsets": [0, 5000]}}, r"tensor t: bytes \[0, 5000\) .* past the file's 4000"),
-    (lambda h: {**h, "t": {**h["t"], "shape": [999]}}, r"tensor t: 4000 bytes for shape \[999\] of torch.float32"),
-    (lambda h: {**h, "t": {"dtype": "F32"}}, r"tensor t: header entry .* lacks dtype, shape or data_offsets"),
+    (lambda h: {**h, "t": {**h["t"], "data_offsets": [0, 5000]}}, r"tensor 't': data_offsets \[0, 5000\), expected start <= end <= 4000"),
+    (lambda h: {**h, "t": {**h["t"], "shape": [999]}}, r"tensor 't': 4000 bytes, expected 3996 bytes for shape \[999\] of F32"),
+    (lambda h: {**h, "t": {"dtype": "F32"}}, r"tensor 't': expected an object with dtype, shape and data_offsets, found \{'dtype': 'F32'\}"),
 ])  # fmt: skip
 def test_header_lies(tmp_path, edit, message):
     path = tmp_path / "x.safetensors"
@@ -100,8 +102,86 @@ def test_header_lies(tmp_path, edit, message):
     n = int.from_bytes(data[:8], "little")
     header = json.dumps(edit(json.loads(data[8 : 8 + n])), separators=(",", ":")).encode().ljust(n)  # same length: the data stays where it was
     path.write_bytes(data[:8] + header[:n] + data[8 + n :])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=rf"x\.safetensors: {message}"):
         read_header(path)
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def contents(header, n: int | None = None, data: bytes = bytes(16)) -> bytes:
+    """A safetensors file's bytes: header length `n` (default: the header's), `header` (a dict, or the JSON bytes), `data`."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return (len(text) if n is None else n).to_bytes(8, "little") + text + data
+
+
+def write(path: Path, header) -> Path:
+    path.write_bytes(contents(header))
+    return path
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x01\x02", r"2 bytes, shorter than the 8-byte header length"),
+    (contents({}, n=2**64 - 1), r"header length 18446744073709551615 does not fit in a 26-byte file"),
+    (contents({}, n=1000), r"header length 1000 does not fit in a 26-byte file"),
+    (contents(b"{not json}"), r"header is not valid JSON \(Expecting property name"),
+    (contents(b'{"t": \xff}'), r"header is not valid JSON \('utf-8' codec can't decode byte 0xff"),
+    (contents(b"[" * 100_000), r"header is not valid JSON \(maximum recursion depth"),
+    (contents(b'{"t": [' + b"9" * 5000 + b"]}"), r"header is not valid JSON \(Exceeds the limit \(4300 digits\)"),
+    (contents(b"[1, 2]"), r"header is not a JSON object, found \[1, 2\]"),
+    (contents(b'{"\\ud800": {}}'), r"header is not valid JSON \(the string '\\ud800' is not valid UTF-8 \(a lone surrogate escape\)\)"),
+    (contents(b'{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "t": {}}'), r"header is not valid JSON \(duplicate key 't'\)"),
+    (contents({"__metadata__": {"format": 1}}), r"__metadata__ must map strings to strings, found \{'format': 1\}"),
+    (contents({"__metadata__": ["pt"]}), r"__metadata__ must map strings to strings, found \['pt'\]"),
+    (contents({"t": [0, 8]}), r"tensor 't': expected an object with dtype, shape and data_offsets, found \[0, 8\]"),
+    (contents({"t": entry(dtype="F7")}), r"tensor 't': unknown dtype 'F7', expected one of BOOL, U8, "),
+    (contents({"t": entry(dtype=None)}), r"tensor 't': unknown dtype None"),
+    (contents({"t": entry(shape=(-2, -1))}), r"tensor 't': shape \[-2, -1\], expected a list of non-negative integers"),
+    (contents({"t": entry(shape=(2.0,))}), r"tensor 't': shape \[2\.0\], expected a list of non-negative integers"),
+    (contents({"t": entry(shape=(True, 2))}), r"tensor 't': shape \[True, 2\], expected a list"),
+    (contents({"t": {**entry(), "shape": "2"}}), r"tensor 't': shape '2', expected a list"),
+    (contents({"t": entry(offsets=(0,))}), r"tensor 't': data_offsets \[0\], expected two non-negative integers"),
+    (contents({"t": entry(offsets=(0, 8, 8))}), r"tensor 't': data_offsets \[0, 8, 8\], expected two"),
+    (contents({"t": entry(offsets=(False, 8))}), r"tensor 't': data_offsets \[False, 8\], expected two"),
+    (contents({"t": entry(offsets=(-8, 0))}), r"tensor 't': data_offsets \[-8, 0\], expected two non-negative integers"),
+    (contents({"t": entry(offsets=(8, 0))}), r"tensor 't': data_offsets \[8, 0\), expected start <= end <= 16"),
+    (contents({"t": entry(offsets=(8, 2**64))}), r"tensor 't': data_offsets \[8, 18446744073709551616\), expected start <= end <= 16"),
+    (contents({"t": entry(shape=(3,))}), r"tensor 't': 8 bytes, expected 12 bytes for shape \[3\] of F32"),
+    (contents({"t": entry(shape=[2**40] * 3)}), r"tensor 't': 8 bytes, expected 2\*\*64 elements or more for shape"),
+    (contents({"t": entry(dtype="F4", shape=(3,), offsets=(0, 1))}), r"tensor 't': 1 bytes, expected 12 bits for shape \[3\] of F4"),
+    (contents({"a": entry(), "b": entry(offsets=(4, 12))}), r"tensors 'a' \(bytes \[\d+, \d+\)\) and 'b' \(bytes \[\d+, \d+\)\) overlap"),
+    (contents({"a": entry(offsets=(8, 16)), "b": entry(dtype="I32", offsets=(0, 12), shape=(3,)), "c": entry(offsets=(0, 0), shape=(0,))}), r"tensors 'b' .* and 'a' .* overlap"),
+])  # fmt: skip
+def test_malformed_header(tmp_path, data, message):
+    """Each malformed file is a ValueError naming the file and what was expected; the message prints."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}") as e:
+        read_header(path)
+    str(e.value).encode("utf-8")
+
+
+def test_dtypes_read_but_not_loaded_are_named(tmp_path):
+    """A safetensors dtype the loader does not load is no header error: the loader's check names it."""
+    entries = read_header(write(tmp_path / "x.safetensors", {"i": entry(dtype="I32"), "b": entry(dtype="BOOL", shape=(8,), offsets=(8, 16))}))
+    assert (entries["i"].dtype, entries["b"].dtype, entries["b"].shape) == ("I32", "BOOL", (8,))
+
+
+def test_empty_tensors_and_gaps_are_allowed(tmp_path):
+    """Only overlapping bytes are an error: an empty tensor may sit anywhere (its dims' product is 0, however large
+    the others), and bytes may lie unused."""
+    entries = read_header(write(tmp_path / "x.safetensors", {"e": entry(shape=(2**40, 2**40, 0), offsets=(4, 4)), "t": entry(offsets=(8, 16))}))
+    assert (entries["e"].end - entries["e"].start, entries["t"].shape) == (0, (2,))
+
+
+def test_not_a_regular_file(tmp_path):
+    """A FIFO is refused without blocking on it, a directory without reading it."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name in ("fifo", "dir"):
+        with pytest.raises(ValueError, match=rf"{name}: expected a regular file"):
+            read_header(tmp_path / name)
 
 
 @pytest.mark.parametrize("fp8", [True, False])
