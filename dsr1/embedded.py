@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import dsr1.checkpoint.fp8
+import dsr1.fp8
 import dsr1.checkpoint.hf_names
 import dsr1.checkpoint.synthetic
 from dsr1.checkpoint.synthetic import write_checkpoint
@@ -23,7 +23,7 @@ BUILTIN_PROMPT = "What is the capital of France?"
 MAX_NEW_TOKENS = 32
 SEED = 0
 # The checkpoint's bytes follow from the config and from these modules' code, so both name the cache entry.
-WRITER_MODULES = (dsr1.checkpoint.synthetic, dsr1.checkpoint.hf_names, dsr1.checkpoint.fp8)
+WRITER_MODULES = (dsr1.checkpoint.synthetic, dsr1.checkpoint.hf_names, dsr1.fp8)
 
 
 def tiny_config_path() -> Path:

@@ -15,12 +15,12 @@ import torch.distributed as dist
 from dsr1 import embedded
 from dsr1.checkpoint.loader import default_device_dtype
 from dsr1.config import ModelConfig
-from dsr1.decode_graphs import GRAPH_MODES, make_graphs
-from dsr1.generation import generate
+from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
+from dsr1.engine.generation import generate
 from dsr1.model.attention import ATTN_IMPLS
-from dsr1.model.fp8_gemm import BACKENDS, select_fp8_backend
+from dsr1.kernels.fp8_gemm import BACKENDS, select_fp8_backend
 from dsr1.parallel.dist import init_distributed, is_rank0, log_rank0, rank_share
-from dsr1.parallel.launch import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
+from dsr1.engine.load import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
 from dsr1.parallel.placement import STRATEGIES
 from dsr1.tokenizer import decode, encode_messages, encode_prompt, load_tokenizer
 

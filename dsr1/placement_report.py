@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dsr1.config import ModelConfig
-from dsr1.parallel.placement_stats import LayerLoad, compare_placements, synthetic_routing
+from dsr1.placement_stats import LayerLoad, compare_placements, synthetic_routing
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepseek-r1.json"
 

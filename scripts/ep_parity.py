@@ -21,10 +21,10 @@ import torch.distributed as dist
 
 from dsr1.checkpoint.loader import load_model
 from dsr1.config import ModelConfig
-from dsr1.generation import generate
-from dsr1.parallel.dispatch import make_dispatcher
+from dsr1.engine.generation import generate
+from dsr1.engine.load import make_dispatcher
 from dsr1.parallel.dist import init_distributed, log_rank0, rank_share
-from dsr1.parallel.launch import gather_to_rank0
+from dsr1.engine.load import gather_to_rank0
 from dsr1.parallel.placement import expert_placement
 from dsr1.tokenizer import encode_prompt, load_tokenizer
 

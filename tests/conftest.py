@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ if not torch.cuda.is_available():  # before dsr1 is imported: Triton kernels the
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsr1.checkpoint.synthetic import write_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))  # the benchmarks' helpers (tests/bench)
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 

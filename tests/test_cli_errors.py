@@ -77,7 +77,7 @@ def test_bad_input_is_one_line_before_loading(argv, fragments, inputs, request, 
 
     monkeypatch.setattr(embedded, "tiny_checkpoint", no_load)
     if request.node.callspec.id != LOADER_REJECTS:
-        monkeypatch.setattr("dsr1.parallel.launch.load_model", no_load)
+        monkeypatch.setattr("dsr1.engine.load.load_model", no_load)
     with pytest.raises(SystemExit) as e:
         main([arg.format(tmp=inputs) for arg in argv])
     out, err = capsys.readouterr()

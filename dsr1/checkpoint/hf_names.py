@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from dsr1.checkpoint.fp8 import FP8_DTYPE, scale_shape
+from dsr1.fp8 import FP8_DTYPE, scale_shape
 from dsr1.config import ModelConfig
 
 # HF projection name -> dsr1 name, for the dense MLP, the shared expert and each routed expert.

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
+from dsr1.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors, routed_expert_id
 from dsr1.checkpoint.reader import Read, Reader, TensorEntry, json_object, read_header
 from dsr1.config import ModelConfig
-from dsr1.model.fp8_gemm import select_fp8_backend, use_fp8_gemm
+from dsr1.kernels.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.transformer import Transformer
-from dsr1.parallel.dispatch import Dispatcher
+from dsr1.model.dispatch import Dispatcher
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -276,7 +276,7 @@ def load_model(
     """Load the checkpoint at `path` (dsr1.load_model); the result's `.load_stats` says what was read.
 
     device/dtype default to CUDA + bf16 when available, else CPU + float32. fp8=True keeps FP8 weights
-    in memory and multiplies them with the `gemm` backend (dsr1/model/fp8_gemm.py: 'auto' takes FP8
+    in memory and multiplies them with the `gemm` backend (dsr1/kernels/fp8_gemm.py: 'auto' takes FP8
     matmuls where the device has them, 'dequant' dequantizes per matmul); otherwise they are
     dequantized once, here. The dispatcher's `local_expert_ids` say which routed experts this process
     holds, in slot order (all by default); `rank` only labels messages.

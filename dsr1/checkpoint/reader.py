@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from dsr1.checkpoint.fp8 import FP8_DTYPE
+from dsr1.fp8 import FP8_DTYPE
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": FP8_DTYPE}  # the ones loaded
 DTYPE_BITS = {  # every safetensors dtype: the others are reported by name when a checkpoint holds one

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dsr1.checkpoint.fp8 import FP8_DTYPE, quantize
+from dsr1.fp8 import FP8_DTYPE, quantize
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors
 from dsr1.checkpoint.loader import INDEX_FILE
 from dsr1.config import ModelConfig

@@ -1,7 +1,7 @@
 """The `dsr1` model for lm-evaluation-harness 0.4.13 (`--model dsr1`, registered when dsr1.eval is imported).
 
 Scores with logits at every position (loglikelihood, loglikelihood_rolling) and generates with
-dsr1.generation (generate_until). Under torchrun with ep > 1 every rank runs the same requests and
+dsr1.engine.generation (generate_until). Under torchrun with ep > 1 every rank runs the same requests and
 forwards in lockstep; the LM keeps lm-eval's rank 0 / world size 1, so lm-eval returns results only on
 LOCAL_RANK 0 and never shards documents across ranks.
 
@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from dsr1.checkpoint.loader import default_device_dtype
 from dsr1.config import ModelConfig
-from dsr1.decode_graphs import make_graphs
-from dsr1.generation import generate
+from dsr1.engine.decode_graphs import make_graphs
+from dsr1.engine.generation import generate
 from dsr1.parallel.dist import is_rank0
-from dsr1.parallel.launch import load_ep_model
+from dsr1.engine.load import load_ep_model
 from dsr1.tokenizer import ASSISTANT, END_THINK, EOS, apply_chat_template, decode, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class DSR1LM(TemplateLM):
 
 
 class StopStrings:
-    """should_stop for dsr1.generation.generate: a row stops once its text holds any stop string.
+    """should_stop for dsr1.engine.generation.generate: a row stops once its text holds any stop string.
 
     Only a tail of the generated ids is decoded each step (long enough to hold the longest stop string
     at one byte per token). With think_end_token, stop strings count only after it: the reasoning

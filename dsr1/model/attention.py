@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dsr1.checkpoint.fp8 import BLOCK
+from dsr1.fp8 import BLOCK
 from dsr1.config import ModelConfig
-from dsr1.model import w8a16
+from dsr1.kernels import w8a16
 from dsr1.model.linear import Linear, linear_pair
 from dsr1.model.norm import RMSNorm
 from dsr1.model.rope import apply_rotary_emb

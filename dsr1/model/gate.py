@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr1.config import ModelConfig
-from dsr1.model import route_kernel
+from dsr1.kernels import routing
 
 
 class Gate(nn.Module):
@@ -22,14 +22,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim, dtype=torch.float32), requires_grad=False)  # HF: mlp.gate.weight
         # HF: mlp.gate.e_score_correction_bias; kept in fp32 whatever the run dtype.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-        # On CUDA, everything after the matmul runs as one kernel (dsr1/model/route_kernel.py), same function.
-        self.kernel = route_kernel.supports(cfg.n_routed_experts, self.n_groups, self.topk_groups, self.top_k)
+        # On CUDA, everything after the matmul runs as one kernel (dsr1/kernels/routing.py), same function.
+        self.kernel = routing.supports(cfg.n_routed_experts, self.n_groups, self.topk_groups, self.top_k)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Choose k experts per token. x: [n, m] -> weights [n, k] fp32, expert_ids [n, k] int64 (global ids)."""
         logits = F.linear(x.float(), self.weight.float())  # [n, e]
-        if self.kernel and route_kernel.available(x.device):
-            return route_kernel.route(logits, self.bias, self.n_groups, self.topk_groups, self.top_k, self.route_scale)
+        if self.kernel and routing.available(x.device):
+            return routing.route(logits, self.bias, self.n_groups, self.topk_groups, self.top_k, self.route_scale)
         return self.route(logits)
 
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:

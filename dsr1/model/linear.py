@@ -1,7 +1,7 @@
 """A bias-free linear layer whose weight is either in the run dtype or block-quantized FP8.
 
 FP8 weights stay e4m3 in memory (half the bytes of bf16). How they are multiplied is the layer's `gemm`
-backend (dsr1/model/fp8_gemm.py): by default they are dequantized per matmul, as the official
+backend (dsr1/kernels/fp8_gemm.py): by default they are dequantized per matmul, as the official
 `gemm_impl="bf16"` path does; `use_fp8_gemm` switches a model to FP8 matmuls that read the FP8 weight.
 """
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
-from dsr1.model.fp8_gemm import DEQUANT
+from dsr1.fp8 import FP8_DTYPE, dequantize, scale_shape
+from dsr1.kernels.fp8_gemm import DEQUANT
 
 
 class Linear(nn.Module):

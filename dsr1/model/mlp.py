@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize, scale_shape
-from dsr1.model import w8a16
-from dsr1.model.fp8_gemm import DEQUANT
+from dsr1.fp8 import FP8_DTYPE, dequantize, scale_shape
+from dsr1.kernels import w8a16
+from dsr1.kernels.fp8_gemm import DEQUANT
 from dsr1.model.linear import Linear, linear_pair
-from dsr1.parallel.fp8_rows import FP8Rows
+from dsr1.fp8 import FP8Rows
 
 
 class MLP(nn.Module):
@@ -38,7 +38,7 @@ class GroupedExperts(nn.Module):
     Three ways to compute the same function (`impl`):
     - `loop`: per expert, three matmuls through the FP8 `gemm` backend. The readable reference.
     - `grouped`: the valid rows of all experts packed, then three grouped matmuls (torch._grouped_mm).
-    - `masked`: the W8A16 Triton kernel (dsr1/model/w8a16.py) straight on the masked layout: only routed
+    - `masked`: the W8A16 Triton kernel (dsr1/kernels/w8a16.py) straight on the masked layout: only routed
       experts' weights are read, FP8 ones as FP8, and the counts never leave the device (no host sync,
       so a decode step can be captured in a CUDA graph).
     `auto` (the default) takes `masked` where the kernel runs (CUDA, bf16 activations, and for FP8

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from dsr1.config import ModelConfig
 from dsr1.model.gate import Gate
 from dsr1.model.mlp import MLP, GroupedExperts
-from dsr1.parallel.dispatch import Dispatcher, sum_choices
+from dsr1.model.dispatch import Dispatcher, sum_choices
 
 
 class MoE(nn.Module):

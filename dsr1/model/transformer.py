@@ -15,7 +15,7 @@ from dsr1.model.mlp import MLP
 from dsr1.model.moe import MoE
 from dsr1.model.norm import RMSNorm
 from dsr1.model.rope import precompute_freqs_cis
-from dsr1.parallel.dispatch import Dispatcher, LocalDispatcher
+from dsr1.model.dispatch import Dispatcher, LocalDispatcher
 
 
 class Block(nn.Module):

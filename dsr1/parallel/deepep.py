@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from dsr1.parallel.dispatch import check_chunk, check_group, ep_chunks
-from dsr1.parallel.fp8_rows import FP8Rows
+from dsr1.model.dispatch import check_chunk
+from dsr1.parallel.dispatch import check_group, ep_chunks
+from dsr1.fp8 import FP8Rows
 from dsr1.parallel.placement import Placement
 
 HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)  # compiled in csrc/kernels/launch.cuh
@@ -81,7 +82,7 @@ class DeepEPLowLatencyDispatcher:
     w8a16 kernel reads it directly, other paths dequantize it). Rows of an expert arrive grouped by source rank, in
     an order that varies from run to run. The Buffer is set up over `group` (None: the default group);
     vLLM passes a gloo group there (dsr1.parallel.dist.new_cpu_group), and chunks() reduces over it too.
-    The LL kernels need no host sync, so decode steps can be captured in CUDA graphs (dsr1/decode_graphs.py).
+    The LL kernels need no host sync, so decode steps can be captured in CUDA graphs (dsr1/engine/decode_graphs.py).
     """
 
     capturable = True

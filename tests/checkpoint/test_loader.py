@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsr1 import ModelConfig, load_model
-from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
+from dsr1.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import checkpoint_tensors
 from dsr1.checkpoint.loader import INDEX_FILE, SINGLE_FILE, build_model
 

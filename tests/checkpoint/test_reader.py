@@ -210,9 +210,9 @@ def test_gpu_loading_equals_cpu_loading(small_checkpoint, fp8):
 
 
 def test_bench_read_smoke(small_checkpoint, tmp_path):
-    """scripts/bench_read.py: raw read patterns and load_model per reader setting, each with a rate."""
+    """scripts/bench/disk_read.py: raw read patterns and load_model per reader setting, each with a rate."""
     out = tmp_path / "read.json"
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_read.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "disk_read.py"
     cmd = [sys.executable, str(script), "--ckpt-path", str(small_checkpoint()), "--patterns", "1x1,2x1", "--direct", "2x1", "--load", "2x1", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from dsr1 import load_model
-from dsr1.checkpoint.fp8 import FP8_DTYPE
+from dsr1.fp8 import FP8_DTYPE
 from dsr1.checkpoint.hf_names import checkpoint_tensors
 from dsr1.checkpoint.loader import INDEX_FILE
 from dsr1.checkpoint.reader import SAFETENSORS_DTYPES

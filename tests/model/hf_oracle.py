@@ -1,7 +1,7 @@
 """The oracle: transformers' DeepseekV3ForCausalLM loaded with exactly the weights dsr1 loads, in fp32.
 
 A dsr1 checkpoint (FP8 or bf16) is turned into an fp32 copy under the same HF names (FP8 weights
-dequantized with dsr1.checkpoint.fp8.dequantize, MTP tensors dropped since HF ignores them) with
+dequantized with dsr1.fp8.dequantize, MTP tensors dropped since HF ignores them) with
 `quantization_config` removed, and loaded with `from_pretrained`, which stacks the per-expert
 tensors into transformers 5.x's `gate_up_proj` / `down_proj`.
 """
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
 
 import dsr1
-from dsr1.checkpoint.fp8 import FP8_DTYPE, dequantize
+from dsr1.fp8 import FP8_DTYPE, dequantize
 from dsr1.model.transformer import Transformer
 
 # Parity tests shrink the vocabulary: the logits comparison needs no real tokenizer.

@@ -4,7 +4,7 @@ of different lengths decoded together with per-row start positions, equal full f
 import pytest
 import torch
 
-from hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1
+from tests.model.hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1
 
 TOL = 1e-5
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsr1.model.rope import inv_frequencies
-from hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1, load_hf, rel_err
+from tests.model.hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1, load_hf, rel_err
 
 TOL = 1e-4
 CONFIGS = {  # name -> (overrides of configs/tiny.json, checkpoint dtype); tiny.json has R1's YaRN keys (factor 8 over 512)

@@ -5,7 +5,7 @@ import torch
 
 from dsr1.model.attention import MLA, HeadCache, LatentCache
 from dsr1.model.transformer import Transformer
-from hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1
+from tests.model.hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1
 
 TOL = 1e-5
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dsr1.model.moe import MoE
-from dsr1.parallel.dispatch import LocalDispatcher
-from hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1
+from dsr1.model.dispatch import LocalDispatcher
+from tests.model.hf_oracle import PARITY_VOCAB, assert_rel, load_dsr1
 
 TOL = 1e-5
 

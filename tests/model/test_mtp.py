@@ -10,7 +10,7 @@ from transformers import modeling_layers
 MtpModel = getattr(modeling_layers, "MtpModel", None)
 HAS_HF_MTP = hasattr(MtpModel, "forward_layer")  # transformers 5.24 has it; 5.17 (the GPU image's) does not
 
-from hf_oracle import PARITY_VOCAB, assert_rel, dense_tensors, layer_id, load_dsr1, load_hf
+from tests.model.hf_oracle import PARITY_VOCAB, assert_rel, dense_tensors, layer_id, load_dsr1, load_hf
 
 TOL = 1e-4
 

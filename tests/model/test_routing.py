@@ -13,7 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 
 from dsr1.config import ModelConfig
 from dsr1.model.gate import Gate
-from hf_oracle import PARITY_VOCAB, load_dsr1, load_hf
+from tests.model.hf_oracle import PARITY_VOCAB, load_dsr1, load_hf
 
 BIAS = [0.0, 0.0, 0.4, 0.4, -0.3, -0.3, -0.5, -0.5]
 # (raw sigmoid scores of one token, bias, expected expert ids in any order, why)

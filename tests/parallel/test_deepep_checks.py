@@ -9,7 +9,8 @@ import pytest
 
 from dsr1.config import ModelConfig
 from dsr1.parallel.deepep import check_low_latency_args, check_top_k
-from dsr1.parallel.dispatch import LocalDispatcher, make_dispatcher
+from dsr1.engine.load import make_dispatcher
+from dsr1.model.dispatch import LocalDispatcher
 from dsr1.parallel.placement import expert_placement
 
 REPO = Path(__file__).resolve().parents[2]

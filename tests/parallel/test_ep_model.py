@@ -3,10 +3,10 @@ logits of one process holding every expert, with uneven batches, an idle rank an
 
 import pytest
 import torch
-from ep_spawn import run_ranks
+from tests.parallel.ep_spawn import run_ranks
 
 import dsr1
-from dsr1.parallel.dispatch import make_dispatcher
+from dsr1.engine.load import make_dispatcher
 
 MAX_TOKENS = 4  # small, so a rank's 12 tokens take 3 dispatch rounds
 

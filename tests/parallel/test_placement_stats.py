@@ -8,7 +8,7 @@ import torch
 
 from dsr1.config import ModelConfig
 from dsr1.parallel.placement import expert_placement
-from dsr1.parallel.placement_stats import layer_load, synthetic_routing
+from dsr1.placement_stats import layer_load, synthetic_routing
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from ep_spawn import run_ranks
+from tests.parallel.ep_spawn import run_ranks
 
-from dsr1.parallel.dispatch import TorchDispatcher, make_dispatcher
+from dsr1.engine.load import make_dispatcher
+from dsr1.parallel.dispatch import TorchDispatcher
 from dsr1.parallel.placement import expert_placement
 
 DIM = 16
@@ -130,7 +131,8 @@ def test_combine_is_the_weighted_sum(world):
 def test_single_dispatch_needs_no_all_reduce_and_holds_the_promise():
     """Under single_dispatch (CUDA-graph capture) chunks() is one range without a collective (no group
     exists here: an all-reduce would fail), and a forward past max_tokens is refused, not split."""
-    from dsr1.parallel.dispatch import LocalDispatcher, ep_chunks, single_dispatch
+    from dsr1.model.dispatch import LocalDispatcher, single_dispatch
+    from dsr1.parallel.dispatch import ep_chunks
 
     assert ep_chunks(5, 8, None, one_chunk=True) == [(0, 5)] and ep_chunks(0, 8, None, one_chunk=True) == [(0, 0)]
     with pytest.raises(ValueError, match="dispatch got 9 tokens, more than max_tokens_per_rank=8"):

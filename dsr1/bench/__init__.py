@@ -1,1 +1,0 @@
-"""Benchmarks: dsr1 against transformers on the same random weights, and the memory-bandwidth floor."""

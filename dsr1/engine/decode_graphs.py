@@ -1,0 +1,208 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch bucket.
+
+Eager decode launches on the order of a thousand kernels per step from Python, and at batch 1 the host
+time per launch exceeds the GPU time. A CUDA graph replays the whole step with one launch. A graph fixes
+shapes and addresses, so:
+- a batch of b rows runs in the graph of the smallest bucket B >= b; the B - b padding rows feed token 0
+  at position 0 of their own (unused) cache rows;
+- every graph attends over all T rows of one shared KV cache [max bucket, T] (rows past a query's
+  position are masked), instead of sizing the key range from the positions, which needs a host sync;
+- the step must be free of host syncs: the `masked` expert kernel (GroupedExperts) and a capturable
+  dispatcher (LocalDispatcher or DeepEP LL; the torch dispatcher reads split sizes on the host).
+
+Under expert parallelism every rank replays a graph in every step (a rank without prompts replays the
+smallest bucket on a padding row), each MoE layer makes exactly one dispatch (the buckets stay within the
+dispatcher's max_tokens, and capture runs under `single_dispatch`), and the ranks capture the same
+buckets in the same order, all of them up front, since capturing runs steps that dispatch.
+
+With `compile`, each decoder block runs through torch.compile (Inductor) inside the graph: the dozens of
+small elementwise, norm, rope and softmax kernels per block fuse into a few (the FP8 matmuls stay the
+w8a16 kernel, an opaque operator to it). One compiled block serves every layer of its kind (dense or MoE)
+at a bucket's shape, so compile time does not grow with depth. The fused kernels round where the eager ops
+round, so the step computes what the eager step computes. Off by default: it costs compile time per bucket.
+
+One process captures a bucket's graph on first use in `prepare(b)`, which must come before the prefill
+that fills the cache: capturing runs the step, which writes cache position 0 of the bucket's rows.
+
+b batch, B bucket, T cache length, v vocabulary
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from dsr1.model.mlp import GroupedExperts
+from dsr1.model.transformer import Transformer
+from dsr1.model.dispatch import single_dispatch
+from dsr1.parallel.dist import all_reduce_max
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # then max_batch itself
+RECOMPILE_LIMIT = 64  # compiled block variants kept per process (dynamo's default, 8, is four buckets' worth)
+AUTO_CACHE_SHARE = 0.25  # --cuda-graphs auto declines when the shared cache would take more of the free GPU memory
+
+
+class DecodeGraphs:
+    def __init__(
+        self, model: Transformer, max_len: int, max_batch: int = BUCKETS[-1], group: ProcessGroup | None = None, compile: bool = False
+    ):
+        """Graphs for batches of up to max_batch rows (with a group: the largest over its ranks) and
+        sequences of up to max_len positions; with a group, every bucket is captured here, in lockstep.
+        compile: decoder blocks through torch.compile (see the module docstring)."""
+        check_capturable(model)
+        if group is not None:
+            max_batch = all_reduce_max(max_batch, group)
+            if max_batch > model.dispatcher.max_tokens:
+                raise ValueError(
+                    f"CUDA graphs under expert parallelism need batches within one dispatch: {max_batch} rows per rank "
+                    f"> --max-dispatch-tokens {model.dispatcher.max_tokens}"
+                )
+        self.model, self.max_len = model, max_len
+        self.buckets = tuple(size for size in BUCKETS if size < max_batch) + (max_batch,)
+        self.cache = model.new_cache(self.buckets[-1], max_len)  # shared by every bucket: rows [0, B)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, _Graph] = {}  # bucket B -> its graph
+        self.run_block = compiled_block() if compile else None
+        if group is not None:
+            for size in self.buckets:
+                self.graphs[size] = self._capture(size)
+
+    def bucket(self, b: int) -> int | None:
+        """The bucket a batch of b rows (0: an idle EP rank) runs in, or None if b exceeds the largest."""
+        return next((size for size in self.buckets if size >= b), None)
+
+    def prepare(self, b: int) -> list:
+        """Capture the graph for b rows' bucket if needed; returns the cache the prefill must fill (rows [0, b))."""
+        size = self.bucket(b)
+        if size is None:
+            raise ValueError(f"batch {b} exceeds the largest CUDA-graph bucket {self.buckets[-1]}")
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        return self.cache
+
+    def step(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
+        """One decode step: tokens [b, 1] at positions start_pos [b] -> logits [b, v] fp32."""
+        b = tokens.shape[0]
+        g = self.graphs[self.bucket(b)]
+        g.tokens.zero_()
+        g.positions.zero_()
+        g.tokens[:b].copy_(tokens)
+        g.positions[:b].copy_(start_pos)
+        g.graph.replay()
+        return g.logits[:b].clone()
+
+    def _capture(self, size: int) -> _Graph:
+        device = self.model.embed.weight.device
+        g = _Graph(
+            graph=torch.cuda.CUDAGraph(),
+            tokens=torch.zeros(size, 1, dtype=torch.long, device=device),
+            positions=torch.zeros(size, dtype=torch.long, device=device),
+            logits_at=torch.zeros(size, dtype=torch.long, device=device),  # the one new position
+        )
+
+        def run(run_block=self.run_block) -> Tensor:
+            return self.model(g.tokens, g.positions, self.cache, logits_at=g.logits_at, n_keys=self.max_len, run_block=run_block)  # [B, v]
+
+        # Each bucket and cache length compiles two kinds of block (dense, MoE); past the limit dynamo would
+        # quietly run blocks uncompiled.
+        with single_dispatch(self.model.dispatcher), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
+                run(None)  # eager first: lazily made state (kept dense weights, split-K counters) exists before tracing
+                run()
+                run()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.cuda.graph(g.graph, pool=self.pool):
+                g.logits = run()
+        return g
+
+
+def compiled_block():
+    """torch.compile'd `_run_block`, for Transformer.forward(run_block=...): static shapes, one compile per
+    kind of block and shape. Fused kernels round to bf16 wherever the eager ops do (emulate_precision_casts):
+    without it, on an H200, the tiny test model's logits moved 7x further from the fp32 model's than eager's.
+    On Hopper, Inductor's kernels use programmatic dependent launch as the W8A16 kernel does (each waits for
+    the previous kernel before touching what it wrote): a batch-1 step on an H200 2% faster, bit-identical."""
+    import torch._inductor.config as inductor_config
+
+    options = {"emulate_precision_casts": True}
+    if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.10; Inductor checks the device itself
+        options["triton.enable_pdl"] = True
+    return torch.compile(_run_block, dynamic=False, options=options)
+
+
+def _run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache) -> Tensor:
+    """One decoder block, as a function of the block: compiled once, it serves every layer of the same kind."""
+    return layer(h, positions, freqs_cis, keep, cache)
+
+
+@dataclass
+class _Graph:
+    """One bucket's graph and every tensor it reads or writes outside its pool: they must outlive it (a
+    freed input's memory would be reused, and the replay would read whatever lands there)."""
+
+    graph: torch.cuda.CUDAGraph
+    tokens: Tensor  # [B, 1]
+    positions: Tensor  # [B]
+    logits_at: Tensor  # [B] zeros
+    logits: Tensor | None = None  # [B, v] fp32, written by each replay
+
+
+def check_capturable(model: Transformer) -> None:
+    """Raise, naming what, if a decode step of `model` would sync with the host (and so cannot be captured)."""
+    if model.embed.weight.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.embed.weight.device}")
+    if not model.dispatcher.capturable:
+        raise ValueError(
+            f"CUDA graphs need a dispatcher without host syncs (one process, or --all2all deepep_ll); "
+            f"{type(model.dispatcher).__name__} reads split sizes on the host: run it with --cuda-graphs off"
+        )
+    probe = model.embed.weight.new_empty(0)
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts) and module.resolve_impl(probe) != "masked":
+            raise ValueError(
+                f"CUDA graphs need the masked expert kernel, but {name} uses {module.resolve_impl(probe)!r} "
+                f"(needs Triton; FP8 experts also need --fp8-gemm w8a16 or auto): run with --cuda-graphs off"
+            )
+
+
+GRAPH_MODES = ("auto", "on", "off")
+
+
+def make_graphs(
+    model: Transformer, mode: str, max_len: int, max_batch: int, group: ProcessGroup | None = None, compile: bool = False
+) -> DecodeGraphs | None:
+    """--cuda-graphs: `off` decodes eagerly; `on` captures graphs or raises saying why it can't;
+    `auto` captures them where the model allows (CUDA, the masked expert kernel, a capturable dispatcher)
+    and the shared cache fits. The graphs serve batches of up to max_batch rows and max_len positions.
+    With an EP group the ranks decide together (all graphs or none) and capture together.
+    compile (--compile-decode): blocks through torch.compile inside the graphs."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"--cuda-graphs {mode!r} is not one of {GRAPH_MODES}")
+    if mode == "off":
+        return None
+    why = None
+    try:
+        check_capturable(model)
+        if mode == "auto" and cache_bytes(model, max_batch, max_len) > AUTO_CACHE_SHARE * torch.cuda.mem_get_info(model.embed.weight.device)[0]:
+            why = "the shared cache would take over a quarter of free GPU memory"
+    except ValueError as e:
+        why = str(e)
+    if group is not None and all_reduce_max(int(why is not None), group) and why is None:
+        why = "another expert-parallel rank cannot capture them"
+    if why is not None:
+        if mode == "on":
+            raise ValueError(why)
+        return None
+    return DecodeGraphs(model, max_len, max_batch, group, compile)
+
+
+def cache_bytes(model: Transformer, batch: int, max_len: int) -> int:
+    """Bytes of the KV cache model.new_cache(batch, max_len) allocates."""
+    caches = [layer.attn.new_cache(1, 1, model.embed.weight.dtype, "meta") for layer in [*model.layers, *model.mtp]]
+    per_position = sum(t.nbytes for c in caches for t in c.tensors())
+    return per_position * batch * max_len

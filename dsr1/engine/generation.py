@@ -1,0 +1,137 @@
+"""Batched autoregressive generation: one prefill over right-padded prompts, then token-by-token decode
+with a KV cache (the absorbed latent cache unless the model was built with attn_impl="naive").
+
+b batch (prompts on this rank), l longest prompt, v vocabulary
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dsr1.engine.decode_graphs import DecodeGraphs
+from dsr1.model.transformer import Transformer
+from dsr1.parallel.dist import all_reduce_max
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    group=None,
+    graphs: DecodeGraphs | None = None,
+) -> list[list[int]]:
+    """Generated token ids per prompt (EOS not included).
+
+    A row stops at `eos_id` (default: the config's EOS), after `max_new_tokens`, or when
+    `should_stop(row, ids so far)` says so. `on_token(row, id)` sees each kept token as it is chosen.
+    Greedy at temperature 0, else nucleus (top-p) sampling from a generator seeded with `seed`.
+    With a process group, every rank runs the same number of forward passes (an expert-parallel
+    MoE needs all ranks in each dispatch): the loop goes on while any rank has an unfinished row,
+    and a rank with no prompts feeds an empty batch. With `graphs`, decode steps replay CUDA graphs
+    (dsr1/engine/decode_graphs.py) when the batch fits a bucket and the sequences fit its cache.
+    """
+    _check_args(model, prompts, max_new_tokens, temperature, top_p)
+    eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
+    device = model.embed.weight.device
+    b = len(prompts)
+    if max_new_tokens == 0 or (b == 0 and group is None):
+        return [[] for _ in prompts]
+    lengths = [len(p) for p in prompts]
+    max_len = max(lengths, default=1) + max_new_tokens
+    if graphs is not None and not _all_fit(graphs.bucket(b) is not None and max_len <= graphs.max_len, group):
+        graphs = None  # too many rows or too long for the captured graphs (on some rank): decode eagerly
+    cache = graphs.prepare(b) if graphs is not None else model.new_cache(b, max_len)
+    gen = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+    tokens = torch.zeros(b, max(lengths, default=1), dtype=torch.long)  # [b, l], right-padded
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    # Causal attention keeps each row exact; pad keys sit past the row's end and are overwritten in decode.
+    logits = model(tokens.to(device), 0, cache, logits_at=torch.tensor(lengths, dtype=torch.long, device=device) - 1)  # [b, v]
+
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * b
+    # What each row feeds next. A finished row re-feeds its last token at its last position, rewriting
+    # one cache slot with what it already holds, so the batch shape never changes.
+    last_token = [p[-1] for p in prompts]
+    last_pos = [n - 1 for n in lengths]
+    while True:
+        chosen = sample(logits, temperature, top_p, gen).tolist()
+        for i, token in enumerate(chosen):
+            if done[i]:
+                continue
+            if token == eos_id:
+                done[i] = True
+                continue
+            out[i].append(token)
+            last_token[i], last_pos[i] = token, lengths[i] + len(out[i]) - 1
+            if on_token is not None:
+                on_token(i, token)
+            done[i] = len(out[i]) >= max_new_tokens or (should_stop is not None and should_stop(i, out[i]))
+        if not _any_unfinished(done, group):
+            return out
+        step_tokens = torch.tensor(last_token, dtype=torch.long, device=device).view(b, 1)  # [b, 1]
+        start_pos = torch.tensor(last_pos, dtype=torch.long, device=device)  # [b]
+        if graphs is not None:
+            logits = graphs.step(step_tokens, start_pos)
+        else:
+            logits = model(step_tokens, start_pos, cache, logits_at=torch.zeros(b, dtype=torch.long, device=device))
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> Tensor:
+    """logits [b, v] -> token ids [b]: argmax at temperature 0, else a draw from the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [b, v]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _all_fit(fits: bool, group) -> bool:
+    """Whether this rank's batch (with a group: every rank's) fits the CUDA graphs; ranks must agree, as a
+    graph step and an eager one make different collectives."""
+    return fits if group is None else not all_reduce_max(int(not fits), group)
+
+
+def _any_unfinished(done: list[bool], group) -> bool:
+    """Whether this rank (or, with a group, any rank) still has a row to decode."""
+    unfinished = not all(done)
+    return unfinished if group is None else bool(all_reduce_max(int(unfinished), group))
+
+
+def _check_args(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    limit = model.max_seq_len
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} has no tokens; every prompt starts with BOS")
+        if len(p) + max_new_tokens > limit:
+            hint = (
+                f"raise --max-seq-len (up to max_position_embeddings={model.cfg.max_position_embeddings}), "
+                if limit < model.cfg.max_position_embeddings
+                else ""
+            )
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with --max-new-tokens {max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens} positions, beyond max_seq_len={limit}; "
+                f"{hint}shorten the prompt or lower --max-new-tokens"
+            )

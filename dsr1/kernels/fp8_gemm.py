@@ -1,0 +1,220 @@
+"""Matrix products with block-quantized FP8 weights: x [..., K] @ dequant(weight [N, K]).T -> [..., N].
+
+R1 stores each projection as e4m3 `weight` [N, K] plus fp32 `weight_scale_inv` [ceil(N/128), ceil(K/128)].
+Four backends compute the same product:
+
+- `dequant`: dequantize the weight, then multiply in the activations' dtype. Pure PyTorch, runs on any
+  device, and is the reference that the others are checked against. It reads the FP8 weight but also
+  writes and re-reads a dense copy of it.
+- `scaled_mm`: quantize the activations per token in 1x128 groups (scale = amax / 448, the DeepSeek-V3
+  recipe), then call PyTorch's block-scaled FP8 matmul (cuBLASLt; SM90 with CUDA >= 12.9 only). The
+  weight is read once, as FP8.
+- `deepgemm`: the same quantization, then DeepGEMM's `fp8_gemm_nt`, used when `deep_gemm` imports.
+- `w8a16`: weight-only FP8 (dsr1/kernels/w8a16.py, Triton): the FP8 weight is read once and multiplied with
+  the bf16 activations as they are, so the result stays within bf16 rounding of `dequant` (the activation
+  quantization of the two FP8xFP8 backends costs ~2.5% per matmul). It is also the routed experts'
+  kernel on the DeepEP low-latency layout (GroupedExperts), with no host sync.
+
+`select_fp8_backend("auto")` picks the first of deepgemm, w8a16, scaled_mm and dequant that imports and
+passes a one-matmul self-check on the device. `use_fp8_gemm(model, backend)` gives that backend to every FP8 layer.
+Shapes the fast backends cannot take (K not a multiple of 128, N not a multiple of 16) go through dequant;
+rows are padded to a multiple of `m_align` (4 for scaled_mm). docs/PERFORMANCE.md has the measurements.
+
+M rows (tokens), K in features, N out features, Kb = ceil(K / 128)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsr1.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, dequantize, quantize
+from dsr1.kernels import w8a16
+
+BACKENDS = ("auto", "deepgemm", "w8a16", "scaled_mm", "dequant")
+AMAX_MIN = 1e-4  # floor of a group's amax, so an all-zero group gets a finite scale (DeepGEMM's per_token_cast_to_fp8)
+SELF_CHECK_TOL = 5e-2  # e4m3 activations alone cost ~2.5% RMS per matmul; a wrong scale layout costs far more
+W8A16_TOL = 1e-2  # the same bf16 weights as dequant: only summation order and output rounding differ
+
+
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] (K a multiple of 128) -> (e4m3 [M, K], fp32 scales [M, K/128]); x ~= q * scale in each 1x128 group.
+
+    The scales come out column-major (strides (1, M)), the layout cuBLASLt and DeepGEMM read."""
+    m, k = x.shape
+    groups = x.reshape(m, k // BLOCK, BLOCK)  # [M, Kb, 128]
+    amax = groups.transpose(0, 1).abs().amax(dim=-1).float()  # [Kb, M]; exact in x's dtype
+    scale = (amax.clamp_(min=AMAX_MIN) / FP8_MAX).t()  # [M, Kb]
+    q = (groups / scale.unsqueeze(-1)).to(FP8_DTYPE)  # in fp32; |q| <= 448 by construction
+    return q.view(m, k), scale
+
+
+class Dequant:
+    """Dequantize the weight per matmul (the official `gemm_impl="bf16"` path)."""
+
+    name = "dequant"
+    keeps_dense = False  # Linear.dense_weight recomputes the dense weight on every call
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        return F.linear(x, dequantize(weight, scale, x.dtype))
+
+
+class _QuantizedActivations:
+    """Shared by the FP8 backends: flatten, pad rows, quantize; fall back to dequant for shapes they can't take."""
+
+    keeps_dense = True  # a dense weight needed outside a matmul (MLA's wkv_b) is dequantized once and kept
+    dtypes = (torch.bfloat16, torch.float16)  # activation dtypes the matmul takes; others go through dequant
+
+    def __init__(self, m_align: int):
+        self.m_align = m_align
+        self.ragged_n = True  # N not a multiple of 128 (R1's wkv_a: 576); cleared if the self-check fails on it
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        n, k = weight.shape
+        if k % BLOCK or n % 16 or (n % BLOCK and not self.ragged_n) or x.dtype not in self.dtypes:
+            return DEQUANT.linear(x, weight, scale)
+        rows = x.reshape(-1, k)  # [M, K]
+        m = rows.shape[0]
+        if m == 0:  # an idle expert-parallel rank's empty batch
+            return x.new_zeros(*x.shape[:-1], n)
+        if m % self.m_align:
+            rows = F.pad(rows, (0, 0, 0, -m % self.m_align))
+        q, q_scale = quantize_activation(rows)
+        return self.matmul(q, q_scale, weight, scale, x.dtype)[:m].view(*x.shape[:-1], n)
+
+    def matmul(self, q: Tensor, q_scale: Tensor, weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """q [M, K] e4m3 with q_scale [M, Kb], weight [N, K] e4m3 with scale [Nb, Kb] -> [M, N] in dtype."""
+        raise NotImplementedError
+
+
+class ScaledMM(_QuantizedActivations):
+    """PyTorch's block-scaled FP8 matmul: 1x128 activation scales, 128x128 weight scales (cuBLASLt, SM90)."""
+
+    name = "scaled_mm"
+
+    def __init__(self, m_align: int = 4):  # cuBLASLt rejects other row counts (CUBLAS_STATUS_NOT_SUPPORTED; H100, CUDA 13.0)
+        super().__init__(m_align)
+
+    def matmul(self, q: Tensor, q_scale: Tensor, weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        # cuBLASLt reads both scale tensors outer-dim-major (q_scale already is), the weight's with its K
+        # blocks padded to a multiple of 4 (R1's K are all multiples of 512: no copy).
+        pad = -scale.shape[1] % 4
+        b_scale = (F.pad(scale, (0, pad)) if pad else scale).t()  # [Kb4, Nb], strides (1, Kb4)
+        if hasattr(F, "scaled_mm"):
+            recipe = F.ScalingType
+            return F.scaled_mm(q, weight.t(), q_scale, recipe.BlockWise1x128, b_scale, recipe.BlockWise128x128, output_dtype=dtype)
+        return torch._scaled_mm(q, weight.t(), q_scale, b_scale, out_dtype=dtype)  # torch < 2.10: recipe read off the scale shapes
+
+
+class DeepGemm(_QuantizedActivations):
+    """DeepGEMM's dense FP8 GEMM (`fp8_gemm_nt`, the v2 API): bf16 output, fp32 scales on SM90."""
+
+    name = "deepgemm"
+    dtypes = (torch.bfloat16,)
+
+    def __init__(self, m_align: int = 1):
+        super().__init__(m_align)
+        import deep_gemm  # raises ImportError where it is not installed
+
+        self.deep_gemm = deep_gemm
+
+    def matmul(self, q: Tensor, q_scale: Tensor, weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        out = torch.empty(q.shape[0], weight.shape[0], dtype=dtype, device=q.device)
+        self.deep_gemm.fp8_gemm_nt((q, q_scale), (weight, scale), out)
+        return out
+
+
+class W8A16:
+    """Weight-only FP8: the Triton kernel of dsr1/kernels/w8a16.py on bf16 activations, dequant otherwise.
+
+    Past w8a16.DENSE_MAX_ROWS rows a product is compute-bound, and cuBLAS on the dequantized weight (the
+    same bf16 weight, so the same function) is faster than the kernel (scripts/bench/fp8_gemm.py on H200: 1.7 vs
+    2.6 ms for o_proj at 2048 rows; 0.11 vs 1.2 ms the other way at 1 row)."""
+
+    name = "w8a16"
+    keeps_dense = True  # MLA's wkv_b, used outside a matmul, is dequantized once and kept
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        if not self._kernel(x):
+            return DEQUANT.linear(x, weight, scale)
+        return w8a16.linear(x, weight, scale)
+
+    def linear_pair(self, x: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """x @ W1.T and x @ W2.T (weight, scale each): one kernel launch for both (two small products pay one
+        launch's fixed cost; w8a16.grouped_linear's `second`)."""
+        if not self._kernel(x):
+            return DEQUANT.linear(x, *first), DEQUANT.linear(x, *second)
+        return w8a16.linear(x, *first, second=second).split([first[0].shape[0], second[0].shape[0]], dim=-1)
+
+    def _kernel(self, x: Tensor) -> bool:
+        return w8a16.available(x.device, x.dtype) and x.numel() <= w8a16.DENSE_MAX_ROWS * x.shape[-1]
+
+
+DEQUANT = Dequant()
+
+
+def probe_fp8_backends(device: torch.device | str) -> dict[str, str]:
+    """Each FP8 backend's status on `device`: 'ok', or why it cannot be used there."""
+    return {name: _probe(name, torch.device(device))[1] for name in BACKENDS[1:]}
+
+
+def select_fp8_backend(name: str = "auto", device: torch.device | str | None = None):
+    """The backend called `name` for `device` (default CPU), or with 'auto' the first that works of deepgemm,
+    w8a16, scaled_mm, dequant. Naming a backend that cannot run on the device is an error."""
+    if name not in BACKENDS:
+        raise ValueError(f"--fp8-gemm {name!r} is not one of {BACKENDS}")
+    device = torch.device(device or "cpu")
+    auto = [c for c in BACKENDS[1:] if device.type == "cuda" or c == "dequant"]  # the others are for GPUs (w8a16 on CPU: tests)
+    for candidate in auto if name == "auto" else (name,):
+        backend, status = _probe(candidate, device)
+        if backend is not None:
+            return backend
+        if name != "auto":
+            raise ValueError(f"--fp8-gemm {name} cannot run on {device}: {status}; use --fp8-gemm auto or dequant")
+    raise AssertionError("dequant always works")
+
+
+def use_fp8_gemm(model: nn.Module, backend) -> None:
+    """Make every FP8 layer of `model` (each module with a `gemm` attribute: Linear, GroupedExperts) use `backend`."""
+    for module in model.modules():
+        if hasattr(module, "gemm"):
+            module.gemm = backend
+
+
+def _probe(name: str, device: torch.device):
+    """(backend, 'ok') if `name` runs on `device` and matches dequant on one product, else (None, reason)."""
+    if name == "dequant":
+        return DEQUANT, "ok"
+    if name == "w8a16":
+        if not w8a16.available(device):
+            return None, "needs Triton and a CUDA device" if w8a16.triton is not None else "needs Triton (pip install triton)"
+        backend = W8A16()
+        err = _self_check(backend, device, n=320)
+        return (backend, "ok") if err <= W8A16_TOL else (None, f"self-check relative error {err:.2e} > {W8A16_TOL}")
+    if device.type != "cuda":
+        return None, f"needs a CUDA device, got {device}"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return None, f"needs SM90 (Hopper), got SM{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    try:
+        backend = ScaledMM() if name == "scaled_mm" else DeepGemm()
+        err = _self_check(backend, device, n=384)
+    except Exception as e:  # an import, a missing kernel or a failed launch: the backend is unusable here
+        return None, f"{type(e).__name__}: {e}"
+    if not err <= SELF_CHECK_TOL:
+        return None, f"self-check relative error {err:.2e} > {SELF_CHECK_TOL}"
+    try:
+        ragged_ok = _self_check(backend, device, n=320) <= SELF_CHECK_TOL
+    except RuntimeError:
+        ragged_ok = False
+    backend.ragged_n = ragged_ok
+    return backend, "ok" if ragged_ok else "ok (N not a multiple of 128 goes through dequant)"
+
+
+def _self_check(backend, device: torch.device, n: int) -> float:
+    """||backend - dequant|| / ||dequant|| on one random [5, 256] x [n, 256] product (~2.5% from e4m3 activations)."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(5, 256, generator=gen, device=device).to(torch.bfloat16)
+    weight, scale = quantize(torch.randn(n, 256, generator=gen, device=device) / 16)
+    got, ref = backend.linear(x, weight, scale).float(), DEQUANT.linear(x.float(), weight, scale)
+    return ((got - ref).norm() / ref.norm()).item()
