@@ -1,4 +1,5 @@
-"""Typed model configuration read from a checkpoint's Hugging Face `config.json`.
+"""Typed configuration: the model, read from a checkpoint's Hugging Face `config.json`; how a run spreads
+the experts over processes (`ParallelConfig`); how it samples (`GenerationConfig`).
 
 `ModelConfig.from_hf` lists every key it reads. Keys it does not know are ignored
 (R1's file carries training-only fields such as `aux_loss_alpha`); keys it needs
@@ -175,6 +176,42 @@ class ModelConfig:
             raise bad("qk_rope_head_dim", f"must be even (rotary pairs), got {self.qk_rope_head_dim}")
         if self.tie_word_embeddings:
             raise bad("tie_word_embeddings", "true is not supported; R1 has a separate lm_head")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Expert parallelism: `ep_size` processes (one per EP rank, attention data-parallel over them)."""
+
+    ep_size: int = 1  # --ep
+    expert_placement: str = "linear"  # linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+ep, ...
+    all2all: str = "torch"  # token dispatch: local (one process), torch (collectives) or deepep_ll
+    fp8_dispatch: bool = False  # DeepEP sends FP8 activations (deepep_ll only)
+    max_dispatch_tokens: int = 128  # tokens per rank per dispatch; longer prefills are split
+
+    def __post_init__(self):
+        if self.ep_size < 1:
+            raise ValueError(f"--ep must be >= 1, got {self.ep_size}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What dsr1.engine.generation.generate does with each prompt: greedy at temperature 0, else nucleus
+    (top-p) sampling from a generator seeded with `seed`; a row stops at `eos_id` (None: the model
+    config's) or after `max_new_tokens`."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_id: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

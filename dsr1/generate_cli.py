@@ -13,14 +13,13 @@ import torch
 import torch.distributed as dist
 
 from dsr1 import embedded
-from dsr1.checkpoint.loader import default_device_dtype
-from dsr1.config import ModelConfig
+from dsr1.config import GenerationConfig, ModelConfig, ParallelConfig
 from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.engine.generation import generate
+from dsr1.engine.load import default_device_dtype, gather_to_rank0, load_ep_model
 from dsr1.model.attention import ATTN_IMPLS
 from dsr1.kernels.fp8_gemm import BACKENDS, select_fp8_backend
 from dsr1.parallel.dist import init_distributed, is_rank0, log_rank0, rank_share
-from dsr1.engine.load import DEFAULT_ALL2ALL, DEFAULT_PLACEMENT, gather_to_rank0, load_ep_model
 from dsr1.parallel.placement import STRATEGIES
 from dsr1.tokenizer import decode, encode_messages, encode_prompt, load_tokenizer
 
@@ -109,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ep = p.add_argument_group("expert parallelism (launch with torchrun --nproc-per-node EP)")
     ep.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel ranks = processes; attention runs data-parallel over them (default 1)")
-    ep.add_argument("--expert-placement", choices=STRATEGIES, default=DEFAULT_PLACEMENT, help="linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+EP, r+2EP, ...")
-    ep.add_argument("--all2all", choices=("torch", "deepep_ll"), default=DEFAULT_ALL2ALL, help="token dispatch: torch.distributed collectives (gloo/NCCL) or DeepEP low-latency kernels")
+    ep.add_argument("--expert-placement", choices=STRATEGIES, default=ParallelConfig.expert_placement, help="linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+EP, r+2EP, ...")
+    ep.add_argument("--all2all", choices=("torch", "deepep_ll"), default=ParallelConfig.all2all, help="token dispatch: torch.distributed collectives (gloo/NCCL) or DeepEP low-latency kernels")
     ep.add_argument("--deepep-fp8-dispatch", action="store_true", help="DeepEP sends FP8 activations with per-128 scales (default BF16)")
-    ep.add_argument("--max-dispatch-tokens", type=POSITIVE, default=128, help="tokens per rank per dispatch; longer prefills are split (default 128)")
+    ep.add_argument("--max-dispatch-tokens", type=POSITIVE, default=ParallelConfig.max_dispatch_tokens,
+                    help=f"tokens per rank per dispatch; longer prefills are split (default {ParallelConfig.max_dispatch_tokens})")
     return p
 
 
@@ -158,26 +158,26 @@ def run(args: argparse.Namespace) -> None:
             f"it needs {longest} positions, beyond max_seq_len={max_seq_len} (--max-seq-len, at most max_position_embeddings="
             f"{cfg.max_position_embeddings}); shorten the prompt or lower --max-new-tokens"
         )
+    parallel = ParallelConfig(args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens)
     model, group = load_ep_model(
-        path, args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens,
-        device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, gemm=args.fp8_gemm, attn_impl=args.attn_impl,
-        max_seq_len=args.max_seq_len, progress=is_rank0(),
+        path, parallel, device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, gemm=args.fp8_gemm,
+        attn_impl=args.attn_impl, max_seq_len=args.max_seq_len, progress=is_rank0(),
     )
     if group is not None:  # what each rank read of the checkpoint (its own experts only)
         for line in gather_to_rank0(model.load_stats.summary(), group) or []:
             log_rank0(line, file=sys.stderr)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, group=group)
+    config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
-    sampling["graphs"] = make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
+    graphs = make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
     if args.interactive:
-        chat_loop(model, tokenizer, sampling)
+        chat_loop(model, tokenizer, config, group, graphs)
         return
     if len(texts) == 1 and not args.json:
         stream = TextStream(tokenizer)  # the prompt is rank 0's
-        generate(model, [prompt_ids[i] for i in mine], on_token=stream, **sampling)
+        generate(model, [prompt_ids[i] for i in mine], config, on_token=stream, group=group, graphs=graphs)
         stream.finish()
         return
-    shares = gather_to_rank0(generate(model, [prompt_ids[i] for i in mine], **sampling), group)
+    shares = gather_to_rank0(generate(model, [prompt_ids[i] for i in mine], config, group=group, graphs=graphs), group)
     if shares is None:
         return
     outputs = [out for share in shares for out in share]  # rank order = input order
@@ -239,15 +239,14 @@ def read_input_file(path: Path) -> str:
     raise ValueError(f"--input-file {path}: expected a UTF-8 text file, but it {found}")
 
 
-def chat_loop(model, tokenizer, sampling: dict) -> None:
+def chat_loop(model, tokenizer, config: GenerationConfig, group, graphs) -> None:
     """Multi-turn chat: each reply joins the history (the chat format drops its reasoning).
 
     Rank 0 reads stdin and keeps the history; under expert parallelism it broadcasts what to do next
     and the other ranks, holding no prompt of their own, join every forward."""
-    group = sampling["group"]
     messages: list[dict] = []
     while True:
-        prompt = next_chat_prompt(model, tokenizer, messages, sampling["max_new_tokens"]) if is_rank0() else None
+        prompt = next_chat_prompt(model, tokenizer, messages, config.max_new_tokens) if is_rank0() else None
         if group is not None:
             box = [prompt]
             dist.broadcast_object_list(box, src=0, group=group)
@@ -257,7 +256,7 @@ def chat_loop(model, tokenizer, sampling: dict) -> None:
         if prompt is None:
             continue
         stream = TextStream(tokenizer)
-        outputs = generate(model, [prompt] if is_rank0() else [], on_token=stream, **sampling)
+        outputs = generate(model, [prompt] if is_rank0() else [], config, on_token=stream, group=group, graphs=graphs)
         stream.finish()
         if is_rank0():
             messages.append({"role": "assistant", "content": decode(tokenizer, outputs[0])})

@@ -29,7 +29,7 @@ def main_args(p: argparse.ArgumentParser) -> None:
 
 def checkpoint_routing(ckpt_path: str, prompts: list[str], ep: int, device) -> tuple[list[torch.Tensor], torch.Tensor, ModelConfig]:
     """Run prompts through a checkpoint and record every MoE layer's expert ids; prompt i lives on rank i % ep."""
-    from dsr1.checkpoint.loader import load_model
+    from dsr1.engine.load import load_model
     from dsr1.tokenizer import encode_prompt, load_tokenizer
 
     model = load_model(ckpt_path, device=device, progress=False)

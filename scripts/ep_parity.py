@@ -19,13 +19,10 @@ import json
 import torch
 import torch.distributed as dist
 
-from dsr1.checkpoint.loader import load_model
-from dsr1.config import ModelConfig
+from dsr1.config import GenerationConfig, ParallelConfig
 from dsr1.engine.generation import generate
-from dsr1.engine.load import make_dispatcher
+from dsr1.engine.load import gather_to_rank0, load_model
 from dsr1.parallel.dist import init_distributed, log_rank0, rank_share
-from dsr1.engine.load import gather_to_rank0
-from dsr1.parallel.placement import expert_placement
 from dsr1.tokenizer import encode_prompt, load_tokenizer
 
 PROMPTS = [
@@ -46,7 +43,7 @@ def run(model, prompts: list[list[int]], max_new_tokens: int, group) -> tuple[to
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     logits = model(tokens.to(device), logits_at=(lengths - 1).to(device)).cpu()  # one forward on every rank
-    return logits, generate(model, prompts, max_new_tokens, group=group)
+    return logits, generate(model, prompts, GenerationConfig(max_new_tokens), group=group)
 
 
 def main() -> None:
@@ -78,13 +75,11 @@ def main() -> None:
         print(f"wrote {args.reference}: {len(prompts)} prompts, {args.max_new_tokens} greedy tokens each")
         return
 
-    cfg = ModelConfig.from_file(args.ckpt_path)
     rows = []
     for strategy in args.placement:
         for fp8 in args.fp8_dispatch:
-            placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
-            dispatcher = make_dispatcher(args.all2all, placement, group, args.max_dispatch_tokens, cfg.dim, fp8 == "on")
-            model = load_model(args.ckpt_path, dtype=dtype, fp8=args.fp8_weights, dispatcher=dispatcher, rank=rank, progress=False)
+            parallel = ParallelConfig(world, strategy, args.all2all, fp8 == "on", args.max_dispatch_tokens)
+            model = load_model(args.ckpt_path, dtype=dtype, fp8=args.fp8_weights, progress=False, parallel=parallel, rank=rank, group=group)
             logits, tokens = run(model, mine, args.max_new_tokens, group)
             parts = gather_to_rank0((logits, tokens, model.load_stats.summary()), group)
             del model

@@ -1,4 +1,7 @@
-"""Load a Hugging Face DeepSeek-R1 checkpoint directory into a `Transformer`.
+"""Load a Hugging Face DeepSeek-R1 checkpoint directory into a `Transformer`, in three steps that
+dsr1/engine/load.py runs: `Checkpoint(path)` reads config.json and the index; `ckpt.plan(expert_ids)`
+checks the checkpoint and lists what this process reads (the routed experts it holds: the placement's);
+`read_weights(ckpt, plan, build_model(...))` fills the model.
 
 Shard names come from `model.safetensors.index.json` (or the directory holds one `model.safetensors`);
 other files are ignored. The directory is untrusted: every file read (config, index, shards) must
@@ -15,7 +18,6 @@ its own routed experts only; of shards holding none of them it reads the header 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,9 +28,7 @@ from dsr1.fp8 import FP8_DTYPE, dequantize
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors, routed_expert_id
 from dsr1.checkpoint.reader import Read, Reader, TensorEntry, json_object, read_header
 from dsr1.config import ModelConfig
-from dsr1.kernels.fp8_gemm import select_fp8_backend, use_fp8_gemm
 from dsr1.model.transformer import Transformer
-from dsr1.model.dispatch import Dispatcher
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -62,6 +62,15 @@ class LoadStats:
             f"from {self.shards_opened}/{self.shards_total} shards; {self.ideal_ratio:.3f}x the ideal "
             f"{_size(self.ideal_bytes)} (replicated + this rank's share of the routed experts)"
         )
+
+
+@dataclass
+class LoadPlan:
+    """What one process reads of a checked checkpoint (Checkpoint.plan)."""
+
+    specs: list[TensorSpec]  # the replicated tensors and this rank's routed experts, each in its local slot
+    ideal_bytes: int  # replicated bytes + routed-expert bytes * n_local / n_routed
+    rank: int  # labels messages and LoadStats
 
 
 class Checkpoint:
@@ -131,6 +140,23 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(self.files[s].stat().st_size for s in self.shards)
+
+    def plan(self, expert_ids: list[int], load_mtp: bool = False, rank: int = 0) -> LoadPlan:
+        """The tensors a process holding routed experts `expert_ids` (global ids, in local slot order: the
+        placement's) reads, MTP layers only with `load_mtp`. Raises first unless the checkpoint holds exactly
+        what its config implies (check); reads no tensor bytes."""
+        cfg = self.config
+        if len(set(expert_ids)) != len(expert_ids) or not all(0 <= e < cfg.n_routed_experts for e in expert_ids):
+            raise ValueError(
+                f"rank {rank}: expert_ids={list(expert_ids)} must be distinct routed expert ids in [0, {cfg.n_routed_experts}) "
+                f"(config.json n_routed_experts)"
+            )
+        every = checkpoint_tensors(cfg, self.is_fp8, mtp=True)  # the one tensor list of this load
+        self.check(every, load_mtp, expert_ids, rank)
+        loaded = [s for s in every if load_mtp or not is_mtp(s)]
+        routed = sum(s.nbytes for s in loaded if s.expert_id is not None)
+        ideal = sum(s.nbytes for s in loaded) - routed + routed * len(expert_ids) // cfg.n_routed_experts
+        return LoadPlan(local_specs(loaded, expert_ids), ideal, rank)
 
     def check(self, every: list[TensorSpec], load_mtp: bool, expert_ids: list[int], rank: int = 0) -> None:
         """Raise unless the index lists exactly the tensors of `every` (all the config implies, MTP layers included,
@@ -233,19 +259,6 @@ def _describe(spec: TensorSpec, local_expert_ids: set[int], rank: int) -> str:
     return f"{spec.hf_name} (routed expert {spec.expert_id}, {holder})"
 
 
-def local_experts(cfg: ModelConfig, dispatcher: Dispatcher | None, rank: int) -> list[int]:
-    """The global routed expert in each local slot: the dispatcher's, checked against the config."""
-    if dispatcher is None:
-        return list(range(cfg.n_routed_experts))
-    ids = [int(e) for e in dispatcher.local_expert_ids]
-    if len(ids) != dispatcher.n_local_experts or len(set(ids)) != len(ids) or not all(0 <= e < cfg.n_routed_experts for e in ids):
-        raise ValueError(
-            f"rank {rank}: dispatcher.local_expert_ids={ids} must be n_local_experts={dispatcher.n_local_experts} distinct "
-            f"expert ids in [0, {cfg.n_routed_experts}) (config.json n_routed_experts)"
-        )
-    return ids
-
-
 def build_model(cfg: ModelConfig, device, dtype: torch.dtype, fp8: bool, **kwargs) -> Transformer:
     """A Transformer with uninitialized weights on `device`: run-dtype tensors, FP8 weights, fp32 scales/bias and
     the parameters a module lists in `fp32_params`."""
@@ -260,56 +273,22 @@ def build_model(cfg: ModelConfig, device, dtype: torch.dtype, fp8: bool, **kwarg
     return model
 
 
-def load_model(
-    path: str | Path,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    fp8: bool = False,
-    attn_impl: str = "absorb",
-    dispatcher: Dispatcher | None = None,
-    load_mtp: bool = False,
-    max_seq_len: int | None = None,
-    rank: int = 0,
-    progress: bool = True,
-    gemm: str = "auto",
-) -> Transformer:
-    """Load the checkpoint at `path` (dsr1.load_model); the result's `.load_stats` says what was read.
+def read_weights(ckpt: Checkpoint, plan: LoadPlan, model: Transformer, fp8: bool, progress: bool = True) -> LoadStats:
+    """Read the tensors of `plan` into `model` (built for its experts: build_model); what was read.
 
-    device/dtype default to CUDA + bf16 when available, else CPU + float32. fp8=True keeps FP8 weights
-    in memory and multiplies them with the `gemm` backend (dsr1/kernels/fp8_gemm.py: 'auto' takes FP8
-    matmuls where the device has them, 'dequant' dequantizes per matmul); otherwise they are
-    dequantized once, here. The dispatcher's `local_expert_ids` say which routed experts this process
-    holds, in slot order (all by default); `rank` only labels messages.
-    """
-    default_device, default_dtype = default_device_dtype()
-    device = torch.device(device or default_device)
-    dtype = dtype or (default_dtype if device.type == default_device.split(":")[0] else torch.float32)
-    ckpt = Checkpoint(path)
-    cfg = ckpt.config
-    if fp8 and not ckpt.is_fp8:
-        raise ValueError(f"fp8=True keeps FP8 weights in memory, but {ckpt.path} is not an FP8 checkpoint (no quantization_config)")
-    expert_ids = local_experts(cfg, dispatcher, rank)
-    every = checkpoint_tensors(cfg, ckpt.is_fp8, mtp=True)  # the one tensor list of this load
-    ckpt.check(every, load_mtp, expert_ids, rank)  # nothing is allocated or copied before this passes
-    loaded = [s for s in every if load_mtp or not is_mtp(s)]
-    specs = local_specs(loaded, expert_ids)
-    model = build_model(cfg, device, dtype, fp8, dispatcher=dispatcher, attn_impl=attn_impl, max_seq_len=max_seq_len, load_mtp=load_mtp)
-    copy_weights(ckpt, specs, model, fp8, progress)
-    if fp8:
-        use_fp8_gemm(model, select_fp8_backend(gemm, device))
-
-    routed = sum(s.nbytes for s in loaded if s.expert_id is not None)
-    model.load_stats = LoadStats(
-        rank=rank,
+    fp8=True reads FP8 weights and their scales into FP8 parameters; otherwise each FP8 weight is
+    dequantized here, to the model's dtype."""
+    copy_weights(ckpt, plan.specs, model, fp8, progress)
+    return LoadStats(
+        rank=plan.rank,
         tensors_read=ckpt.tensors_read,
         bytes_read=ckpt.bytes_read,
         tensors_total=len(ckpt.weight_map),
         bytes_total=ckpt.total_bytes(),
         shards_opened=len(ckpt.shards_read),
         shards_total=len(ckpt.shards),
-        ideal_bytes=sum(s.nbytes for s in loaded) - routed + routed * len(expert_ids) // cfg.n_routed_experts,
+        ideal_bytes=plan.ideal_bytes,
     )
-    return model.eval()
 
 
 def copy_weights(ckpt: Checkpoint, specs: list[TensorSpec], model: Transformer, fp8: bool, progress: bool) -> None:
@@ -359,10 +338,3 @@ def _target(model: Transformer, spec: TensorSpec) -> torch.Tensor:
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def default_device_dtype() -> tuple[str, torch.dtype]:
-    """CUDA (this process's LOCAL_RANK) with bf16 when available, else CPU with float32."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}", torch.bfloat16
-    return "cpu", torch.float32

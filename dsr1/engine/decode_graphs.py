@@ -65,7 +65,7 @@ class DecodeGraphs:
         self.cache = model.new_cache(self.buckets[-1], max_len)  # shared by every bucket: rows [0, B)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}  # bucket B -> its graph
-        self.run_block = compiled_block() if compile else None
+        self.block = compiled_block() if compile else run_block  # how decode_step runs each decoder block
         if group is not None:
             for size in self.buckets:
                 self.graphs[size] = self._capture(size)
@@ -103,8 +103,8 @@ class DecodeGraphs:
             logits_at=torch.zeros(size, dtype=torch.long, device=device),  # the one new position
         )
 
-        def run(run_block=self.run_block) -> Tensor:
-            return self.model(g.tokens, g.positions, self.cache, logits_at=g.logits_at, n_keys=self.max_len, run_block=run_block)  # [B, v]
+        def run(block=self.block) -> Tensor:
+            return decode_step(self.model, g.tokens, g.positions, self.cache, g.logits_at, self.max_len, block)  # [B, v]
 
         # Each bucket and cache length compiles two kinds of block (dense, MoE); past the limit dynamo would
         # quietly run blocks uncompiled.
@@ -112,7 +112,7 @@ class DecodeGraphs:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
-                run(None)  # eager first: lazily made state (kept dense weights, split-K counters) exists before tracing
+                run(run_block)  # uncompiled first: lazily made state (kept dense weights, split-K counters) exists before tracing
                 run()
                 run()
             torch.cuda.current_stream(device).wait_stream(stream)
@@ -121,23 +121,37 @@ class DecodeGraphs:
         return g
 
 
+def run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache) -> Tensor:
+    """One decoder block, as a function of the block: compiled once, it serves every layer of the same kind."""
+    return layer(h, positions, freqs_cis, keep, cache)
+
+
+def decode_step(model: Transformer, tokens: Tensor, start_pos: Tensor, cache: list, logits_at: Tensor, n_keys: int, block=run_block) -> Tensor:
+    """Transformer.forward(tokens, start_pos, cache, logits_at) without its host sync: the queries attend over
+    the fixed cache rows [0, n_keys) (masked past each position), and nothing checks max_seq_len.
+    tokens [b, s], start_pos [b], logits_at [b] -> logits [b, v] fp32. block(layer, h, positions, freqs_cis,
+    keep, cache) runs each decoder block: `run_block` (the default) or `compiled_block()`."""
+    positions = model.positions(tokens, start_pos)  # [b, s]
+    keep = model.attention_mask(positions, cache, n_keys)  # [b, s, T]
+    freqs_cis = model.freqs_cis[positions]
+    h = model.embed(tokens)
+    for layer, layer_cache in zip(model.layers, cache):  # the MTP layers' caches come last, unused
+        h = block(layer, h, positions, freqs_cis, keep, layer_cache)
+    return model.logits(h, logits_at)
+
+
 def compiled_block():
-    """torch.compile'd `_run_block`, for Transformer.forward(run_block=...): static shapes, one compile per
-    kind of block and shape. Fused kernels round to bf16 wherever the eager ops do (emulate_precision_casts):
-    without it, on an H200, the tiny test model's logits moved 7x further from the fp32 model's than eager's.
-    On Hopper, Inductor's kernels use programmatic dependent launch as the W8A16 kernel does (each waits for
-    the previous kernel before touching what it wrote): a batch-1 step on an H200 2% faster, bit-identical."""
+    """torch.compile'd `run_block`, for decode_step: static shapes, one compile per kind of block and shape.
+    Fused kernels round to bf16 wherever the eager ops do (emulate_precision_casts): without it, on an
+    H200, the tiny test model's logits moved 7x further from the fp32 model's than eager's. On Hopper,
+    Inductor's kernels use programmatic dependent launch as the W8A16 kernel does (each waits for the
+    previous kernel before touching what it wrote): a batch-1 step on an H200 2% faster, bit-identical."""
     import torch._inductor.config as inductor_config
 
     options = {"emulate_precision_casts": True}
     if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.10; Inductor checks the device itself
         options["triton.enable_pdl"] = True
-    return torch.compile(_run_block, dynamic=False, options=options)
-
-
-def _run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache) -> Tensor:
-    """One decoder block, as a function of the block: compiled once, it serves every layer of the same kind."""
-    return layer(h, positions, freqs_cis, keep, cache)
+    return torch.compile(run_block, dynamic=False, options=options)
 
 
 @dataclass
@@ -163,9 +177,13 @@ def check_capturable(model: Transformer) -> None:
         )
     probe = model.embed.weight.new_empty(0)
     for name, module in model.named_modules():
-        if isinstance(module, GroupedExperts) and module.resolve_impl(probe) != "masked":
+        if not isinstance(module, GroupedExperts):
+            continue
+        kernel = module.kernel(probe)  # None: the per-expert loop, which reads the counts on the host
+        if kernel is None or not kernel.capturable:
+            used = "the per-expert loop" if kernel is None else f"the {kernel.name} kernel"
             raise ValueError(
-                f"CUDA graphs need the masked expert kernel, but {name} uses {module.resolve_impl(probe)!r} "
+                f"CUDA graphs need the masked expert kernel, but {name} uses {used} "
                 f"(needs Triton; FP8 experts also need --fp8-gemm w8a16 or auto): run with --cuda-graphs off"
             )
 

@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
+from dsr1.config import GenerationConfig
 from dsr1.engine.decode_graphs import DecodeGraphs
 from dsr1.model.transformer import Transformer
 from dsr1.parallel.dist import all_reduce_max
@@ -20,28 +22,24 @@ from dsr1.parallel.dist import all_reduce_max
 def generate(
     model: Transformer,
     prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    eos_id: int | None = None,
+    config: GenerationConfig,
     on_token: Callable[[int, int], None] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
     graphs: DecodeGraphs | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per prompt (EOS not included).
+    """Generated token ids per prompt (EOS not included), sampled as `config` says (dsr1.config.GenerationConfig).
 
-    A row stops at `eos_id` (default: the config's EOS), after `max_new_tokens`, or when
+    A row stops at config.eos_id (default: the model config's EOS), after config.max_new_tokens, or when
     `should_stop(row, ids so far)` says so. `on_token(row, id)` sees each kept token as it is chosen.
-    Greedy at temperature 0, else nucleus (top-p) sampling from a generator seeded with `seed`.
     With a process group, every rank runs the same number of forward passes (an expert-parallel
     MoE needs all ranks in each dispatch): the loop goes on while any rank has an unfinished row,
     and a rank with no prompts feeds an empty batch. With `graphs`, decode steps replay CUDA graphs
     (dsr1/engine/decode_graphs.py) when the batch fits a bucket and the sequences fit its cache.
     """
-    _check_args(model, prompts, max_new_tokens, temperature, top_p)
-    eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
+    max_new_tokens = config.max_new_tokens
+    _check_prompts(model, prompts, max_new_tokens)
+    eos_id = model.cfg.eos_token_id if config.eos_id is None else config.eos_id
     device = model.embed.weight.device
     b = len(prompts)
     if max_new_tokens == 0 or (b == 0 and group is None):
@@ -51,7 +49,7 @@ def generate(
     if graphs is not None and not _all_fit(graphs.bucket(b) is not None and max_len <= graphs.max_len, group):
         graphs = None  # too many rows or too long for the captured graphs (on some rank): decode eagerly
     cache = graphs.prepare(b) if graphs is not None else model.new_cache(b, max_len)
-    gen = None if seed is None else torch.Generator(device).manual_seed(seed)
+    gen = None if config.seed is None else torch.Generator(device).manual_seed(config.seed)
 
     tokens = torch.zeros(b, max(lengths, default=1), dtype=torch.long)  # [b, l], right-padded
     for i, p in enumerate(prompts):
@@ -66,7 +64,7 @@ def generate(
     last_token = [p[-1] for p in prompts]
     last_pos = [n - 1 for n in lengths]
     while True:
-        chosen = sample(logits, temperature, top_p, gen).tolist()
+        chosen = sample(logits, config.temperature, config.top_p, gen).tolist()
         for i, token in enumerate(chosen):
             if done[i]:
                 continue
@@ -101,25 +99,20 @@ def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generato
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _all_fit(fits: bool, group) -> bool:
+def _all_fit(fits: bool, group: ProcessGroup | None) -> bool:
     """Whether this rank's batch (with a group: every rank's) fits the CUDA graphs; ranks must agree, as a
     graph step and an eager one make different collectives."""
     return fits if group is None else not all_reduce_max(int(not fits), group)
 
 
-def _any_unfinished(done: list[bool], group) -> bool:
+def _any_unfinished(done: list[bool], group: ProcessGroup | None) -> bool:
     """Whether this rank (or, with a group, any rank) still has a row to decode."""
     unfinished = not all(done)
     return unfinished if group is None else bool(all_reduce_max(int(unfinished), group))
 
 
-def _check_args(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+def _check_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Raise, naming the flags, unless every prompt has tokens and fits max_seq_len with max_new_tokens."""
     limit = model.max_seq_len
     for i, p in enumerate(prompts):
         if not p:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from pathlib import Path
 
 import lm_eval.models  # noqa: F401  keeps lm-eval's built-in models resolvable once a model is registered
 import torch
@@ -23,12 +22,11 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, warning_once
 from tqdm import tqdm
 
-from dsr1.checkpoint.loader import default_device_dtype
-from dsr1.config import ModelConfig
+from dsr1.config import GenerationConfig, ParallelConfig
 from dsr1.engine.decode_graphs import make_graphs
 from dsr1.engine.generation import generate
+from dsr1.engine.load import default_device_dtype, load_ep_model
 from dsr1.parallel.dist import is_rank0
-from dsr1.engine.load import load_ep_model
 from dsr1.tokenizer import ASSISTANT, END_THINK, EOS, apply_chat_template, decode, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,8 +64,8 @@ class DSR1LM(TemplateLM):
         fp8: bool = False,
         attn_impl: str = "absorb",
         ep: int = 1,
-        expert_placement: str | None = None,
-        all2all: str | None = None,
+        expert_placement: str = ParallelConfig.expert_placement,
+        all2all: str = ParallelConfig.all2all,
         cuda_graphs: str = "auto",
         compile_decode: bool = False,
         **unknown,
@@ -82,13 +80,16 @@ class DSR1LM(TemplateLM):
             raise ValueError(f"--model_args dtype={dtype!r}; expected one of {list(DTYPES)}")
         self.tokenizer = load_tokenizer(ckpt_path)
         self._device = resolve_device(device)
-        self._max_length = int(max_length or ModelConfig.from_file(Path(ckpt_path) / "config.json").max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self._batch_size = resolve_batch_size(batch_size, max_batch_size)
         self.think_end_token = think_end_token or (END_THINK if strip_thinking else None)
-        load_kwargs = dict(device=self._device, dtype=DTYPES[dtype], fp8=fp8, attn_impl=attn_impl, max_seq_len=self._max_length, progress=is_rank0())
+        parallel = ParallelConfig(int(ep), expert_placement, all2all)
         # Under torchrun (ep > 1) every rank runs this, then the same requests in lockstep.
-        self.model, self.group = load_ep_model(ckpt_path, int(ep), expert_placement, all2all, **load_kwargs)
+        self.model, self.group = load_ep_model(
+            ckpt_path, parallel, device=self._device, dtype=DTYPES[dtype], fp8=fp8, attn_impl=attn_impl,
+            max_seq_len=int(max_length) if max_length else None, progress=is_rank0(),
+        )
+        self._max_length = self.model.max_seq_len  # default: the checkpoint's max_position_embeddings
         self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size, self.group, bool(compile_decode))
 
     # -- what lm-eval reads -------------------------------------------------------------------------
@@ -202,17 +203,15 @@ class DSR1LM(TemplateLM):
                 warning_once(log, f"dsr1 ignores gen_kwargs {ignored}; it understands {list(GEN_KWARGS)}")
             until = handle_stop_sequences(kwargs["until"], eos=EOS)
             max_new = kwargs["max_gen_toks"]
-            outputs = generate(
-                self.model,
-                [self._fit(encoded[c], max_new) for c in contexts],
+            config = GenerationConfig(
                 max_new,
                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0,
                 top_p=float(kwargs.get("top_p", 1.0)),
                 eos_id=self.eot_token_id,
-                should_stop=StopStrings(self.tokenizer, until, self.think_end_token),
-                group=self.group,
-                graphs=self.graphs,
             )
+            prompts = [self._fit(encoded[c], max_new) for c in contexts]
+            should_stop = StopStrings(self.tokenizer, until, self.think_end_token)
+            outputs = generate(self.model, prompts, config, should_stop=should_stop, group=self.group, graphs=self.graphs)
             for context, gen_kwargs, ids in zip(contexts, all_kwargs, outputs):
                 text = postprocess_generated_text(self.tok_decode(ids), until, self.think_end_token)
                 results.append(text)

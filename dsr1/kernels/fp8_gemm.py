@@ -3,20 +3,22 @@
 R1 stores each projection as e4m3 `weight` [N, K] plus fp32 `weight_scale_inv` [ceil(N/128), ceil(K/128)].
 Four backends compute the same product:
 
-- `dequant`: dequantize the weight, then multiply in the activations' dtype. Pure PyTorch, runs on any
-  device, and is the reference that the others are checked against. It reads the FP8 weight but also
-  writes and re-reads a dense copy of it.
+- `dequant` (dsr1/kernels/backend.py): dequantize the weight, then multiply in the activations' dtype. Pure
+  PyTorch, runs on any device, and is the reference that the others are checked against. It reads the FP8
+  weight but also writes and re-reads a dense copy of it.
 - `scaled_mm`: quantize the activations per token in 1x128 groups (scale = amax / 448, the DeepSeek-V3
   recipe), then call PyTorch's block-scaled FP8 matmul (cuBLASLt; SM90 with CUDA >= 12.9 only). The
   weight is read once, as FP8.
 - `deepgemm`: the same quantization, then DeepGEMM's `fp8_gemm_nt`, used when `deep_gemm` imports.
-- `w8a16`: weight-only FP8 (dsr1/kernels/w8a16.py, Triton): the FP8 weight is read once and multiplied with
-  the bf16 activations as they are, so the result stays within bf16 rounding of `dequant` (the activation
-  quantization of the two FP8xFP8 backends costs ~2.5% per matmul). It is also the routed experts'
-  kernel on the DeepEP low-latency layout (GroupedExperts), with no host sync.
+- `w8a16` (dsr1/kernels/w8a16_backend.py): weight-only FP8 (dsr1/kernels/w8a16.py, Triton): the FP8 weight
+  is read once and multiplied with the bf16 activations as they are, so the result stays within bf16 rounding
+  of `dequant` (the activation quantization of the two FP8xFP8 backends costs ~2.5% per matmul). It also runs MLA's per-head and
+  latent-cache products and the routed experts on the DeepEP low-latency layout, with no host sync.
+
+All four are one interface (backend.Backend): a layer holds one as `gemm` and asks it for each fast path.
 
 `select_fp8_backend("auto")` picks the first of deepgemm, w8a16, scaled_mm and dequant that imports and
-passes a one-matmul self-check on the device. `use_fp8_gemm(model, backend)` gives that backend to every FP8 layer.
+passes a one-matmul self-check on the device. `use_fp8_gemm(model, backend)` gives that backend to every layer.
 Shapes the fast backends cannot take (K not a multiple of 128, N not a multiple of 16) go through dequant;
 rows are padded to a multiple of `m_align` (4 for scaled_mm). docs/PERFORMANCE.md has the measurements.
 
@@ -29,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsr1.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, dequantize, quantize
+from dsr1.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, quantize
 from dsr1.kernels import w8a16
+from dsr1.kernels.backend import DEQUANT, Backend
+from dsr1.kernels.w8a16_backend import W8A16
 
 BACKENDS = ("auto", "deepgemm", "w8a16", "scaled_mm", "dequant")
 AMAX_MIN = 1e-4  # floor of a group's amax, so an all-zero group gets a finite scale (DeepGEMM's per_token_cast_to_fp8)
@@ -50,18 +54,8 @@ def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
     return q.view(m, k), scale
 
 
-class Dequant:
-    """Dequantize the weight per matmul (the official `gemm_impl="bf16"` path)."""
-
-    name = "dequant"
-    keeps_dense = False  # Linear.dense_weight recomputes the dense weight on every call
-
-    def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-        return F.linear(x, dequantize(weight, scale, x.dtype))
-
-
-class _QuantizedActivations:
-    """Shared by the FP8 backends: flatten, pad rows, quantize; fall back to dequant for shapes they can't take."""
+class _QuantizedActivations(Backend):
+    """Shared by the FP8xFP8 backends: flatten, pad rows, quantize; fall back to dequant for shapes they can't take."""
 
     keeps_dense = True  # a dense weight needed outside a matmul (MLA's wkv_b) is dequantized once and kept
     dtypes = (torch.bfloat16, torch.float16)  # activation dtypes the matmul takes; others go through dequant
@@ -125,35 +119,6 @@ class DeepGemm(_QuantizedActivations):
         return out
 
 
-class W8A16:
-    """Weight-only FP8: the Triton kernel of dsr1/kernels/w8a16.py on bf16 activations, dequant otherwise.
-
-    Past w8a16.DENSE_MAX_ROWS rows a product is compute-bound, and cuBLAS on the dequantized weight (the
-    same bf16 weight, so the same function) is faster than the kernel (scripts/bench/fp8_gemm.py on H200: 1.7 vs
-    2.6 ms for o_proj at 2048 rows; 0.11 vs 1.2 ms the other way at 1 row)."""
-
-    name = "w8a16"
-    keeps_dense = True  # MLA's wkv_b, used outside a matmul, is dequantized once and kept
-
-    def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-        if not self._kernel(x):
-            return DEQUANT.linear(x, weight, scale)
-        return w8a16.linear(x, weight, scale)
-
-    def linear_pair(self, x: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """x @ W1.T and x @ W2.T (weight, scale each): one kernel launch for both (two small products pay one
-        launch's fixed cost; w8a16.grouped_linear's `second`)."""
-        if not self._kernel(x):
-            return DEQUANT.linear(x, *first), DEQUANT.linear(x, *second)
-        return w8a16.linear(x, *first, second=second).split([first[0].shape[0], second[0].shape[0]], dim=-1)
-
-    def _kernel(self, x: Tensor) -> bool:
-        return w8a16.available(x.device, x.dtype) and x.numel() <= w8a16.DENSE_MAX_ROWS * x.shape[-1]
-
-
-DEQUANT = Dequant()
-
-
 def probe_fp8_backends(device: torch.device | str) -> dict[str, str]:
     """Each FP8 backend's status on `device`: 'ok', or why it cannot be used there."""
     return {name: _probe(name, torch.device(device))[1] for name in BACKENDS[1:]}
@@ -175,8 +140,8 @@ def select_fp8_backend(name: str = "auto", device: torch.device | str | None = N
     raise AssertionError("dequant always works")
 
 
-def use_fp8_gemm(model: nn.Module, backend) -> None:
-    """Make every FP8 layer of `model` (each module with a `gemm` attribute: Linear, GroupedExperts) use `backend`."""
+def use_fp8_gemm(model: nn.Module, backend: Backend) -> None:
+    """Make every layer of `model` with a `gemm` attribute (Linear, MLA, GroupedExperts) use `backend`."""
     for module in model.modules():
         if hasattr(module, "gemm"):
             module.gemm = backend

@@ -5,7 +5,8 @@ group, a top-k over groups, a scatter and a mask, a top-k over experts, a gather
 At batch 1 those launches cost more than the router's arithmetic, so on CUDA one program per token does
 all of it in registers. Ties pick the lowest index (torch.topk leaves their order unspecified); experts
 come out in descending biased score, as torch.topk(sorted=True) gives them, so the combine sums in the
-same order. Used by Gate on CUDA devices when Triton imports; tests run it interpreted on CPU.
+same order. Gate holds a Router (or None, for shapes the kernel does not take) and runs it on CUDA devices
+when Triton imports; tests run it interpreted on CPU.
 
 n tokens, e routed experts (a power of two), g groups, k experts per token, K k rounded up to a power of two
 """
@@ -64,6 +65,24 @@ def supports(n_experts: int, n_groups: int, topk_groups: int, top_k: int) -> boo
     pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
     group = n_experts // max(n_groups, 1)
     return pow2(n_experts) and pow2(n_groups) and group >= 2 and topk_groups * group >= top_k
+
+
+class Router:
+    """Gate.route for one router's shape as the kernel: logits [n, e] fp32, bias [e] -> weights [n, k], expert_ids [n, k]."""
+
+    def __init__(self, n_groups: int, topk_groups: int, top_k: int, route_scale: float):
+        self.n_groups, self.topk_groups, self.top_k, self.route_scale = n_groups, topk_groups, top_k, route_scale
+
+    def takes(self, logits: Tensor) -> bool:
+        return available(logits.device)
+
+    def __call__(self, logits: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        return route(logits, bias, self.n_groups, self.topk_groups, self.top_k, self.route_scale)
+
+
+def router(n_experts: int, n_groups: int, topk_groups: int, top_k: int, route_scale: float) -> Router | None:
+    """The kernel for a router of this shape, or None where it does not take it (supports)."""
+    return Router(n_groups, topk_groups, top_k, route_scale) if supports(n_experts, n_groups, topk_groups, top_k) else None
 
 
 def route(logits: Tensor, bias: Tensor, n_groups: int, topk_groups: int, top_k: int, route_scale: float) -> tuple[Tensor, Tensor]:

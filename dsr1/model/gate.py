@@ -12,6 +12,8 @@ from dsr1.kernels import routing
 
 
 class Gate(nn.Module):
+    """Group-limited top-k routing (HF: mlp.gate): x [n, m] -> mixing weights [n, k] fp32, expert_ids [n, k]."""
+
     fp32_params = ("weight",)  # the router matmul runs in fp32 (as HF's): the bf16 checkpoint weight is widened once, at load
 
     def __init__(self, cfg: ModelConfig):
@@ -22,14 +24,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim, dtype=torch.float32), requires_grad=False)  # HF: mlp.gate.weight
         # HF: mlp.gate.e_score_correction_bias; kept in fp32 whatever the run dtype.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-        # On CUDA, everything after the matmul runs as one kernel (dsr1/kernels/routing.py), same function.
-        self.kernel = routing.supports(cfg.n_routed_experts, self.n_groups, self.topk_groups, self.top_k)
+        # On CUDA, `route` runs as one kernel (dsr1/kernels/routing.py): the same function in one launch, not a dozen.
+        self.kernel = routing.router(cfg.n_routed_experts, self.n_groups, self.topk_groups, self.top_k, self.route_scale)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Choose k experts per token. x: [n, m] -> weights [n, k] fp32, expert_ids [n, k] int64 (global ids)."""
         logits = F.linear(x.float(), self.weight.float())  # [n, e]
-        if self.kernel and routing.available(x.device):
-            return routing.route(logits, self.bias, self.n_groups, self.topk_groups, self.top_k, self.route_scale)
+        if self.kernel is not None and self.kernel.takes(logits):
+            return self.kernel(logits, self.bias)
         return self.route(logits)
 
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,8 +1,8 @@
 """A bias-free linear layer whose weight is either in the run dtype or block-quantized FP8.
 
 FP8 weights stay e4m3 in memory (half the bytes of bf16). How they are multiplied is the layer's `gemm`
-backend (dsr1/kernels/fp8_gemm.py): by default they are dequantized per matmul, as the official
-`gemm_impl="bf16"` path does; `use_fp8_gemm` switches a model to FP8 matmuls that read the FP8 weight.
+backend (dsr1/kernels/backend.py): by default they are dequantized per matmul, as the official
+`gemm_impl="bf16"` path does; fp8_gemm.use_fp8_gemm switches a model to FP8 matmuls that read the FP8 weight.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsr1.fp8 import FP8_DTYPE, dequantize, scale_shape
-from dsr1.kernels.fp8_gemm import DEQUANT
+from dsr1.kernels.backend import DEQUANT
 
 
 class Linear(nn.Module):
@@ -25,7 +25,7 @@ class Linear(nn.Module):
             self.scale = nn.Parameter(torch.empty(scale_shape(out_dim, in_dim), dtype=torch.float32), requires_grad=False)
         else:
             self.register_parameter("scale", None)
-        self.gemm = DEQUANT  # FP8 matmul backend; see fp8_gemm.use_fp8_gemm
+        self.gemm = DEQUANT  # FP8 matmul backend, set by fp8_gemm.use_fp8_gemm
         self._dense: Tensor | None = None  # kept dense weight (backends with keeps_dense), made after the weights are loaded
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
@@ -50,9 +50,8 @@ class Linear(nn.Module):
 
 
 def linear_pair(x: Tensor, first: Linear, second: Linear) -> tuple[Tensor, Tensor]:
-    """(first(x), second(x)): two FP8 projections of one input (gate and up; wq_a and wkv_a), computed in one
-    launch where the backend can (W8A16.linear_pair), else one after the other. The same function either way."""
-    both_fp8 = first.scale is not None and second.scale is not None
-    if both_fp8 and first.gemm is second.gemm and hasattr(first.gemm, "linear_pair"):
-        return first.gemm.linear_pair(x, (first.weight, first.scale), (second.weight, second.scale))
-    return first(x), second(x)
+    """(first(x), second(x)): two projections of one input (gate and up; wq_a and wkv_a). Two FP8 ones go to
+    their backend together, which may compute both in one launch (W8A16.linear_pair): the same function."""
+    if first.scale is None or second.scale is None or first.gemm is not second.gemm:
+        return first(x), second(x)
+    return first.gemm.linear_pair(x, (first.weight, first.scale), (second.weight, second.scale))

@@ -5,7 +5,7 @@ the dispatcher moves tokens to whichever rank and slot holds them, and brings th
 on a process holding every expert (a batch-1 decode step on one GPU) needs no move: the expert kernels
 read its k experts by id, and the outputs are summed as the combine sums them.
 
-b batch, s positions, n tokens (b*s), m model dim
+b batch, s positions, n tokens (b*s), m model dim, k experts per token
 """
 
 import torch
@@ -32,9 +32,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [n, m]
         weights, expert_ids = self.gate(x)  # [n, k] fp32, [n, k] global ids
-        if self.slot_is_id and x.shape[0] == 1 and self.experts.resolve_impl(x) == "masked":
-            # one token, every expert here (a batch-1 decode step): the kernels read its k experts by id, no dispatch
-            y = sum_choices(self.experts.listed(x, expert_ids).unsqueeze(0), weights, x.dtype)  # same sums as combine
+        kernel = self.experts.kernel(x)  # the experts' fast path on x, None for their reference loop
+        if self.slot_is_id and x.shape[0] == 1 and kernel is not None and kernel.takes_listed:
+            # one token, every expert here (a batch-1 decode step): the kernel reads its k experts by id, no dispatch
+            y = kernel.listed(x, expert_ids, *self.experts.weights())  # [k, m]
+            y = sum_choices(y.unsqueeze(0), weights, x.dtype)  # [1, m]: the same sums as combine's
         else:
             y = torch.empty_like(x)
             for start, end in self.dispatcher.chunks(x.shape[0]):

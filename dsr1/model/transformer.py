@@ -108,14 +108,7 @@ class Transformer(nn.Module):
         return [layer.attn.new_cache(batch, max_len, dtype, device) for layer in [*self.layers, *self.mtp]]
 
     def forward(
-        self,
-        tokens: Tensor,
-        start_pos: Tensor | int = 0,
-        cache: list | None = None,
-        logits_at: Tensor | None = None,
-        return_hidden: bool = False,
-        n_keys: int | None = None,
-        run_block=None,
+        self, tokens: Tensor, start_pos: Tensor | int = 0, cache: list | None = None, logits_at: Tensor | None = None, return_hidden: bool = False
     ):
         """tokens: [b, s] at positions start_pos + [0, s) (start_pos: int or [b]).
 
@@ -124,56 +117,63 @@ class Transformer(nn.Module):
         decode together. Returns logits [b, s, v] fp32, or [b, v] for one position per row if
         `logits_at` [b] gives its index in [0, s) (generation never pays for the others); with
         `return_hidden`, also the final-normed hidden states ([b, s, m], the MTP block's input).
-        `n_keys` fixes the cache rows attended over (masked past each position): by default the largest
-        position sets it, which reads that position back to the host; a CUDA graph passes the cache length.
-        `run_block(layer, h, positions, freqs_cis, keep, cache)` runs each decoder block instead of a plain
-        call (DecodeGraphs passes a torch.compile'd one).
         """
-        b, s = tokens.shape
-        positions = self.positions(tokens, start_pos, n_keys is None)  # [b, s]
-        keep = self.attention_mask(positions, cache, n_keys)  # [b, s, t]
+        positions = self.positions(tokens, start_pos)  # [b, s]
+        keep = self.attention_mask(positions, cache, self.n_keys(positions))  # [b, s, t]; n_keys: a host sync
         freqs_cis = self.freqs_cis[positions]  # [b, s, r/2]
-        h = self.embed(tokens)
+        h = self.embed(tokens)  # [b, s, m]
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            h = layer(h, positions, freqs_cis, keep, layer_cache) if run_block is None else run_block(layer, h, positions, freqs_cis, keep, layer_cache)
-        if return_hidden:
-            h = self.norm(h)  # all positions normed: the MTP block's input
-        out = h if logits_at is None else h[torch.arange(b, device=h.device), logits_at]  # [b, s, m] or [b, m]
-        logits = self.head(out if return_hidden else self.norm(out)).float()
-        return (logits, h) if return_hidden else logits
+            h = layer(h, positions, freqs_cis, keep, None if cache is None else cache[i])
+        if not return_hidden:
+            return self.logits(h, logits_at)
+        h = self.norm(h)  # all positions normed: the MTP block's input
+        return self.head(h if logits_at is None else _pick(h, logits_at)).float(), h
+
+    def logits(self, h: Tensor, logits_at: Tensor | None = None) -> Tensor:
+        """Final norm and lm_head: h [b, s, m] -> [b, s, v] fp32, or [b, v] at index logits_at [b] of each row."""
+        return self.head(self.norm(h if logits_at is None else _pick(h, logits_at))).float()
 
     def mtp_forward(self, h: Tensor, next_tokens: Tensor, start_pos: Tensor | int = 0, cache: list | None = None) -> Tensor:
         """MTP block 0 on the main model's hidden states h [b, s, m] -> logits [b, s, v] for tokens two ahead."""
         if not self.mtp:
             raise ValueError("the MTP layer was not loaded; build the model with load_mtp=True")
         positions = self.positions(next_tokens, start_pos)
-        keep = self.attention_mask(positions, cache)
+        keep = self.attention_mask(positions, cache, self.n_keys(positions))
         layer_cache = None if cache is None else cache[len(self.layers)]
         return self.mtp[0](h, next_tokens, positions, self.freqs_cis[positions], keep, layer_cache)[0]
 
-    def positions(self, tokens: Tensor, start_pos: Tensor | int, check: bool = True) -> Tensor:
-        """[b, s] positions of the new tokens; with `check` (a host sync), raise if one is past max_seq_len."""
+    @staticmethod
+    def positions(tokens: Tensor, start_pos: Tensor | int) -> Tensor:
+        """[b, s] positions of the new tokens [b, s] at start_pos (int or [b])."""
         b, s = tokens.shape
         start = torch.as_tensor(start_pos, device=tokens.device).expand(b)
-        positions = start.unsqueeze(1) + torch.arange(s, device=tokens.device)  # [b, s]
-        end = _n_keys(positions) if check else 0
-        if end > self.max_seq_len:
-            raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
-        return positions
+        return start.unsqueeze(1) + torch.arange(s, device=tokens.device)  # [b, s]
+
+    def n_keys(self, positions: Tensor) -> int:
+        """The cache rows [0, t) queries at `positions` [b, s] may see; raises if one is past max_seq_len.
+        Reads the largest position back to the host (a CUDA graph fixes t instead: dsr1/engine/decode_graphs.py)."""
+        t = _max_position(positions) + 1
+        if t > self.max_seq_len:
+            raise ValueError(f"position {t - 1} is beyond max_seq_len={self.max_seq_len}")
+        return t
 
     @staticmethod
     def attention_mask(positions: Tensor, cache: list | None, n_keys: int | None = None) -> Tensor:
-        """[b, s, t] bool: query at position p sees keys at positions <= p (cache rows [0, n_keys) if given)."""
+        """[b, s, t] bool: the query at position p sees keys at positions <= p: without a cache the new tokens
+        themselves, with one cache rows [0, n_keys) (by default up to the largest position, a host sync)."""
         if cache is None:
             key_positions = positions  # [b, t=s]: the new tokens are the keys
         else:
-            t = _n_keys(positions) if n_keys is None else n_keys
+            t = _max_position(positions) + 1 if n_keys is None else n_keys
             key_positions = torch.arange(t, device=positions.device).expand(positions.shape[0], -1)  # [b, t]
         return key_positions.unsqueeze(1) <= positions.unsqueeze(2)
 
 
+def _max_position(positions: Tensor) -> int:
+    """The largest of `positions`, read back to the host; -1 for an empty batch (an idle EP rank)."""
+    return int(positions.max()) if positions.numel() else -1
 
-def _n_keys(positions: Tensor) -> int:
-    """Cache rows [0, t) the queries at `positions` may see; 0 for an empty batch (an idle EP rank)."""
-    return int(positions.max()) + 1 if positions.numel() else 0
+
+def _pick(h: Tensor, index: Tensor) -> Tensor:
+    """h [b, s, m] at position index[i] of each row i -> [b, m]."""
+    return h[torch.arange(h.shape[0], device=h.device), index]

@@ -5,7 +5,8 @@ so every rank, under every placement, holds the same model as one GPU would.
 
 Run under torchrun, one process per GPU:
     torchrun --nproc-per-node 2 scripts/bench/ep_decode.py --config configs/r1-5layer.json \\
-        --all2all deepep_ll torch --placement linear round_robin --fp8-dispatch off on --skew 0 0.5 --batch 1 8 64
+        --all2all deepep_ll torch --placement linear round_robin --fp8-dispatch off on --skew 0 0.5 --batch 1 8 64 \\
+        --json ep_decode.json
 
 Per configuration and batch per rank: the slowest rank's mean ms per decode step (each sequence's time
 per output token), tokens/s over all ranks, and the torch dispatcher's time over this row's (same
@@ -19,12 +20,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from measure import Dsr1GraphRunner, Dsr1Runner, Timer, measure_decode
-from weights import fill_dsr1, group_popularity_bias
+from bench_measure import Dsr1GraphRunner, Dsr1Runner, measure_decode
+from bench_report import meta, table, write_json
+from bench_timing import Timer
+from bench_weights import fill_dsr1, group_popularity_bias
 from dsr1.checkpoint.loader import build_model
 from dsr1.config import ModelConfig
 from dsr1.kernels.fp8_gemm import BACKENDS, select_fp8_backend, use_fp8_gemm
@@ -66,7 +70,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512, help="positions already in the KV cache")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", help="write the rows here (rank 0)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON (rank 0)")
     args = p.parse_args()
 
     rank, world, device, dtype = join_ep_benchmark()
@@ -99,16 +103,16 @@ def main() -> None:
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     log_rank0(f"EP={world}, {args.config}, {card}; decode with {args.context} cached positions, slowest rank, mean of {args.steps} steps")
-    log_rank0(f"{'all2all':<10} {'fp8':<4} {'placement':<12} {'skew':>5} {'batch/rank':>10} {'graphs':<6} {'compiled':<8} {'ms/step':>9} {'tokens/s':>10} {'torch / this':>12}")
+    header = ("all2all", "fp8", "placement", "skew", "batch/rank", "graphs", "compiled", "ms/step", "tokens/s", "torch / this")
+    lines = [header]
     same = ("placement", "skew", "batch_per_rank")
     for r in rows:
         peer = next((b for b in rows if b["all2all"] == "torch" and all(b[k] == r[k] for k in same)), None)
-        vs_torch = f"{peer['ms_per_step'] / r['ms_per_step']:>12.2f}" if peer else f"{'-':>12}"
-        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['placement']:<12} {r['skew']:>5g} {r['batch_per_rank']:>10} "
-                  f"{str(r['cuda_graphs']):<6} {str(r['compiled']):<8} {r['ms_per_step']:>9.2f} {r['tokens_per_s']:>10.0f} {vs_torch}")
-    if rank == 0 and args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ep": world, "device": card, "config": args.config, "rows": rows}, f, indent=1)
+        lines.append((r["all2all"], r["fp8_dispatch"], r["placement"], f"{r['skew']:g}", r["batch_per_rank"], r["cuda_graphs"], r["compiled"],
+                      f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", f"{peer['ms_per_step'] / r['ms_per_step']:.2f}" if peer else "-"))
+    log_rank0(table(lines))
+    if rank == 0:
+        write_json(args.json, {"meta": meta(device), "ep": world, "device": card, "config": args.config, "rows": rows})
     dist.destroy_process_group()
 
 

@@ -1,20 +1,21 @@
 """Time one FP8-weight matmul per backend (w8a16, scaled_mm, dequant) on R1's projection shapes, next to the time its weight bytes take
 at the measured copy bandwidth, and check it against dequant.
 
-    python scripts/bench/fp8_gemm.py [--rows 1,8,64,2048] [--json out.json]
+    python scripts/bench/fp8_gemm.py [--rows 1,8,64,2048] [--json fp8_gemm.json]
 
+Times are per call of 20 back-to-back calls: the GPU time, or the host's launch time if that is longer.
 Also reports which row alignments (--m-align) the scaled_mm backend accepts for odd row counts.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from measure import Timer, copy_bandwidth
+from bench_report import meta, table, write_json
+from bench_timing import Timer, copy_bandwidth
 from dsr1.fp8 import BLOCK, FP8_DTYPE
 from dsr1.kernels import w8a16
 from dsr1.kernels.fp8_gemm import DEQUANT, ScaledMM, probe_fp8_backends, quantize_activation
@@ -23,26 +24,15 @@ SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o": (
           "dense_up": (18432, 7168), "dense_down": (7168, 18432), "expert_up": (2048, 7168), "expert_down": (7168, 2048)}
 
 
-def per_call(timer: Timer, fn, calls: int = 20) -> float:
-    """Seconds per call of `calls` back-to-back calls: the GPU time, or the host's launch time if that is longer."""
-    fn()
-
-    def run():
-        for _ in range(calls):
-            fn()
-
-    return timer(run) / calls
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="1,8,64,2048")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rows", default="1,8,64,2048", help="activation rows (tokens) per matmul, comma-separated")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args()
     device = torch.device("cuda")
     timer = Timer(device)
     bw = copy_bandwidth(device, 2 << 30, timer)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth": bw, "backends": probe_fp8_backends(device), "rows": [], "align": []}
+    out = {"meta": meta(device), "device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth": bw, "backends": probe_fp8_backends(device), "rows": [], "align": []}
     print(f"{out['device']}, torch {out['torch']}, copy {bw / 1e12:.2f} TB/s, backends {out['backends']}")
     gen = torch.Generator(device).manual_seed(0)
     for name, (n, k) in SHAPES.items():
@@ -56,12 +46,12 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "m": m, "rel_err": ((got - ref).norm() / ref.norm()).item(),
                    "w8a16_rel_err": ((got_w8a16 - ref).norm() / ref.norm()).item(),
                    "floor_us": 1e6 * weight.nbytes / bw,
-                   "w8a16_us": 1e6 * per_call(timer, lambda: w8a16.linear(x, weight, scale)),
-                   "scaled_mm_us": 1e6 * per_call(timer, lambda: ScaledMM().linear(x, weight, scale)),
-                   "quantize_us": 1e6 * per_call(timer, lambda: quantize_activation(x)),
-                   "dequant_us": 1e6 * per_call(timer, lambda: DEQUANT.linear(x, weight, scale))}
+                   "w8a16_us": 1e6 * timer.per_call(lambda: w8a16.linear(x, weight, scale)),
+                   "scaled_mm_us": 1e6 * timer.per_call(lambda: ScaledMM().linear(x, weight, scale)),
+                   "quantize_us": 1e6 * timer.per_call(lambda: quantize_activation(x)),
+                   "dequant_us": 1e6 * timer.per_call(lambda: DEQUANT.linear(x, weight, scale))}
             out["rows"].append(row)
-            print(" ".join(f"{k_}={v:.3g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in row.items()))
+            print(f"{name} m={m}: w8a16 {row['w8a16_us']:.1f} µs, scaled_mm {row['scaled_mm_us']:.1f} µs", flush=True)  # as it comes
     weight = torch.randn(2048, 7168, generator=gen, device=device, dtype=torch.bfloat16).to(FP8_DTYPE)
     scale = torch.full((16, 56), 7168**-0.5, device=device)
     for align in (1, 4, 16):
@@ -73,9 +63,10 @@ def main() -> None:
             except RuntimeError as e:
                 result = f"error: {str(e).splitlines()[0][:160]}"
             out["align"].append({"m_align": align, "m": m, "result": result})
-            print(f"m_align={align} m={m}: {result}")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    columns = ("n", "k", "m", "floor_us", "w8a16_us", "scaled_mm_us", "quantize_us", "dequant_us", "rel_err", "w8a16_rel_err")
+    print(table([("shape", *columns)] + [(r["shape"], *(f"{r[c]:.3g}" if isinstance(r[c], float) else r[c] for c in columns)) for r in out["rows"]]))
+    print(table([("m_align", "m", "scaled_mm")] + [(a["m_align"], a["m"], a["result"]) for a in out["align"]]))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -5,27 +5,30 @@ memory-bandwidth floor of a decode step, and print a table (and write JSON).
     python scripts/bench/model.py --smoke                                                  # CPU, seconds (CI)
 
 One model is on the device at a time: dsr1, then HF, each built straight on the device from the same
-seeded generators (scripts/bench/weights.py). HF runs its own FP8 path (FineGrainedFP8: FP8Linear and
+seeded generators (scripts/bench/bench_weights.py). HF runs its own FP8 path (FineGrainedFP8: FP8Linear and
 grouped_mm FP8 experts on the finegrained-fp8 Triton kernels); the smoke run uses HF unquantized on the
-dequantized weights. --load-dir also writes the weights as a checkpoint and times dsr1.load_model on it.
+dequantized weights. --load-dir also writes a random FP8 checkpoint (dsr1.checkpoint.synthetic) and times
+a cold dsr1.load_model on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import platform
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 
-import load, measure
-from weights import fill_dsr1, write_checkpoint
-from dsr1.checkpoint.loader import build_model
+import bench_load
+import bench_measure as measure
+from bench_report import meta, table, write_json
+from bench_timing import Timer, copy_bandwidth
+from bench_weights import fill_dsr1
+from dsr1.checkpoint.synthetic import write_checkpoint
+from dsr1.checkpoint.loader import INDEX_FILE, build_model
 from dsr1.config import ModelConfig
 from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.kernels.fp8_gemm import BACKENDS, DEQUANT, probe_fp8_backends, select_fp8_backend, use_fp8_gemm
@@ -139,7 +142,7 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
 
 
 def run_hf(args, raw, cfg, device, dtype, timer, dsr1_logits: torch.Tensor) -> dict:
-    from hf import build_hf, use_local_fp8_kernel
+    from bench_hf import build_hf, use_local_fp8_kernel
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -165,10 +168,11 @@ def run_hf(args, raw, cfg, device, dtype, timer, dsr1_logits: torch.Tensor) -> d
 def run_load(args, raw, cfg, device, dtype) -> dict:
     """Write the weights as an FP8 checkpoint; then, each from a cold page cache: the disk's read rate, the
     plain safetensors read (tensor by tensor, `.to(device)`), and dsr1.load_model."""
-    nbytes = write_checkpoint(cfg, raw, args.load_dir, device, args.seed)
+    write_checkpoint(raw, args.load_dir, seed=args.seed, shards=8, device=device, mtp=False)  # no MTP: the files hold what a load reads
+    nbytes = json.loads((args.load_dir / INDEX_FILE).read_text())["metadata"]["total_size"]
     files = sorted(args.load_dir.glob("*.safetensors"))
-    out = {"bytes": nbytes, "disk_gb_per_s": load.disk_read_rate(files) / 1e9, "safetensors_gb_per_s": load.safetensors_read_rate(files, device) / 1e9}
-    t, out["evicted_by"] = load.time_load(args.load_dir, device, dtype, args.fp8_gemm)
+    out = {"bytes": nbytes, "disk_gb_per_s": bench_load.disk_read_rate(files) / 1e9, "safetensors_gb_per_s": bench_load.safetensors_read_rate(files, device) / 1e9}
+    t, out["evicted_by"] = bench_load.time_load(args.load_dir, device, dtype, args.fp8_gemm)
     return {**out, "seconds": t, "gb_per_s": nbytes / t / 1e9}
 
 
@@ -192,14 +196,13 @@ def main(argv=None) -> dict:
     cfg = ModelConfig.from_hf(raw, source=str(args.config))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    timer = measure.Timer(device)
-    result = {"meta": {"config": str(args.config), "date": datetime.date.today().isoformat(), "device": device_name(device),
-                       "torch": torch.__version__, "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()}}}
+    timer = Timer(device)
+    result = {"meta": {**meta(device), "config": str(args.config), "args": {k: str(v) for k, v in vars(args).items()}}}
     if args.load_only:
         result["load"] = run_load(args, raw, cfg, device, dtype)
         print(load_line(result["load"]))
-        return write_json(args, result)
-    result["copy_bandwidth"] = measure.copy_bandwidth(device, args.copy_mib << 20, timer)
+        return write_json(args.json, result)
+    result["copy_bandwidth"] = copy_bandwidth(device, args.copy_mib << 20, timer)
     with torch.inference_mode():
         result["dsr1"], dsr1_logits = run_dsr1(args, cfg, device, dtype, timer)
         free(device)
@@ -214,22 +217,11 @@ def main(argv=None) -> dict:
             free(device)
         if args.load_dir:
             result["load"] = run_load(args, raw, cfg, device, dtype)
-    print(table(result))
-    return write_json(args, result)
+    print(report(result))
+    return write_json(args.json, result)
 
 
-def write_json(args, result: dict) -> dict:
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-
-
-def table(r: dict) -> str:
+def report(r: dict) -> str:
     d, hf = r["dsr1"], r.get("hf", {})
     gib = lambda n: f"{n / 2**30:.1f}" if n else "-"  # noqa: E731
     lines = [f"{r['meta']['config']} on {r['meta']['device']}, torch {r['meta']['torch']}, {r['meta']['date']}",
@@ -267,8 +259,7 @@ def table(r: dict) -> str:
     for p in d.get("decode_dequant", []):
         rows.append((f"decode b={p['batch']} ms/step, dequant", f"{p['ms_per_step']:.2f}", "", "", "", ""))
     rows.append(("peak memory GiB", gib(d["peak_memory"]), gib(hf.get("peak_memory")), "", "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.append(table(rows))
     if "load" in r:
         lines.append(load_line(r["load"]))
     return "\n".join(lines)

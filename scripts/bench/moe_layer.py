@@ -2,7 +2,7 @@
 
 Run under torchrun, one process per GPU:
     torchrun --nproc-per-node 4 scripts/bench/moe_layer.py --all2all deepep_ll torch --placement linear round_robin \
-        --weights bf16 fp8 --tokens 1 8 64 128
+        --weights bf16 fp8 --tokens 1 8 64 128 --json moe_layer.json
 
 R1's shape by default (hidden 7168, 256 experts in 8 groups, top-8, expert inner 2048), random bf16 or
 FP8 weights, `--tokens` tokens per rank (a decode step's batch per rank). Every configuration sees the same tokens and the same router, so
@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from weights import group_popularity_bias
+from bench_report import meta, table, write_json
+from bench_timing import Timer
+from bench_weights import group_popularity_bias
 from dsr1.fp8 import FP8_DTYPE
 from dsr1.config import ModelConfig
 from dsr1.kernels.fp8_gemm import select_fp8_backend, use_fp8_gemm
-from dsr1.model.mlp import GroupedExperts
 from dsr1.model.moe import MoE
 from dsr1.engine.load import make_dispatcher
 from dsr1.model.dispatch import single_dispatch
@@ -61,11 +61,6 @@ def build_layer(cfg: ModelConfig, dispatcher, skew: float, device: torch.device,
     return moe
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_layer(moe: MoE, x: torch.Tensor, iters: int, experts: bool, graph: bool = False) -> float:
     """Mean µs per call on this rank; experts=False times route + dispatch + combine only; graph=True
     replays the calls from a CUDA graph (what decode does; the dispatcher must be capturable)."""
@@ -89,13 +84,8 @@ def time_layer(moe: MoE, x: torch.Tensor, iters: int, experts: bool, graph: bool
         with single_dispatch(d), torch.cuda.graph(cuda_graph):
             step()
         run = cuda_graph.replay
-    synchronize(x.device)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    synchronize(x.device)
-    return (time.perf_counter() - start) * 1e6 / iters
+    dist.barrier()  # every rank starts together: a dispatch waits for the slowest
+    return 1e6 * Timer(x.device).per_call(run, iters, warmup=0)
 
 
 def received_rows(moe: MoE, x: torch.Tensor) -> int:
@@ -115,10 +105,9 @@ def main() -> None:
     p.add_argument("--placement", nargs="+", default=["linear", "round_robin"])
     p.add_argument("--fp8-dispatch", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--skew", nargs="+", type=float, default=[0.0, 0.5], help="0 = uniform routing")
-    p.add_argument("--experts", nargs="+", default=["auto"], choices=GroupedExperts.IMPLS, help="GroupedExperts.impl to time (auto: masked on CUDA)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cuda-graph", action="store_true", help="replay capturable dispatchers' layers (deepep_ll) from a CUDA graph, as decode does")
-    p.add_argument("--json", help="write the rows here (rank 0)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON (rank 0)")
     args = p.parse_args()
 
     rank, world, device, dtype = join_ep_benchmark()
@@ -128,11 +117,10 @@ def main() -> None:
     for all2all, fp8, weights in itertools.product(args.all2all, args.fp8_dispatch, args.weights):
         if fp8 == "on" and all2all != "deepep_ll":
             continue
-        for skew, impl, strategy in itertools.product(args.skew, args.experts, args.placement):
+        for skew, strategy in itertools.product(args.skew, args.placement):
             placement = expert_placement(cfg.n_routed_experts, world, rank, strategy)
             dispatcher = make_dispatcher(all2all, placement, None, max_tokens, cfg.dim, fp8 == "on")
             moe = build_layer(cfg, dispatcher, skew, device, dtype, weights == "fp8")
-            moe.experts.impl = impl
             for tokens in args.tokens:
                 x = torch.randn(tokens, cfg.dim, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(rank))
                 with torch.inference_mode():
@@ -141,7 +129,7 @@ def main() -> None:
                     times = torch.tensor([time_layer(moe, x, args.iters, True, graph), time_layer(moe, x, args.iters, False, graph)], device=device)
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
                 dist.all_reduce(received, op=dist.ReduceOp.MAX)
-                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "weights": weights, "skew": skew, "experts": moe.experts.resolve_impl(x), "cuda_graph": graph,
+                rows.append({"all2all": all2all, "fp8_dispatch": fp8, "weights": weights, "skew": skew, "experts": getattr(moe.experts.kernel(x), "name", "loop"), "cuda_graph": graph,
                              "placement": strategy, "tokens": tokens, "layer_us": times[0].item(), "dispatch_combine_us": times[1].item(),
                              "max_rank_rows": int(received)})
             del moe, dispatcher
@@ -150,18 +138,17 @@ def main() -> None:
     replayed = "; deepep_ll layers replayed from a CUDA graph, torch's eager" if args.cuda_graph else "; eager"
     log_rank0(f"EP={world}, hidden {cfg.dim}, {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}, {card}; slowest rank, mean of {args.iters}{replayed}")
     keys = ("all2all", "fp8_dispatch", "weights", "skew", "experts", "tokens")
-    log_rank0(f"{'all2all':<10} {'fp8':<4} {'weights':<7} {'skew':>5} {'experts':<8} {'tokens':>6} {'placement':<12} {'layer µs':>10} {'disp+comb µs':>13} "
-              f"{'max rows':>9} {'vs linear':>10} {'torch / this':>12}")
+    lines = [("all2all", "fp8", "weights", "skew", "experts", "tokens", "placement", "layer µs", "disp+comb µs", "max rows", "vs linear", "torch / this")]
     for r in rows:
         base = next(b for b in rows if b["placement"] == "linear" and all(b[k] == r[k] for k in keys))
         peer = next((b for b in rows if b["all2all"] == "torch" and b["placement"] == r["placement"] and b["fp8_dispatch"] == "off"
                      and all(b[k] == r[k] for k in keys if k not in ("all2all", "fp8_dispatch"))), None)
-        vs_torch = f"{peer['layer_us'] / r['layer_us']:>12.2f}" if peer else f"{'-':>12}"
-        log_rank0(f"{r['all2all']:<10} {r['fp8_dispatch']:<4} {r['weights']:<7} {r['skew']:>5g} {r['experts']:<8} {r['tokens']:>6} {r['placement']:<12} "
-                  f"{r['layer_us']:>10.1f} {r['dispatch_combine_us']:>13.1f} {r['max_rank_rows']:>9} {r['layer_us'] / base['layer_us']:>10.3f} {vs_torch}")
-    if rank == 0 and args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ep": world, "device": card, "rows": rows}, f, indent=1)
+        lines.append((r["all2all"], r["fp8_dispatch"], r["weights"], f"{r['skew']:g}", r["experts"], r["tokens"], r["placement"], f"{r['layer_us']:.1f}",
+                      f"{r['dispatch_combine_us']:.1f}", r["max_rank_rows"], f"{r['layer_us'] / base['layer_us']:.3f}",
+                      f"{peer['layer_us'] / r['layer_us']:.2f}" if peer else "-"))
+    log_rank0(table(lines))
+    if rank == 0:
+        write_json(args.json, {"meta": meta(device), "ep": world, "device": card, "rows": rows})
     dist.destroy_process_group()
 
 

@@ -2,7 +2,7 @@
 call (20 calls replayed from a CUDA graph, so host launch cost is excluded) and the weight bandwidth it
 reaches (bytes of the weights the call must read / time), next to the card's copy bandwidth.
 
-    python scripts/bench/w8a16_tiles.py [--json out.json]
+    python scripts/bench/w8a16_tiles.py [--json w8a16_tiles.json]
 
 Dense products at 1 and 64 rows; routed experts (256 of them, [2048, 7168] and [7168, 2048]) on the
 masked layout with the counts of a top-8 routing of 1 and 64 tokens, the kernel launched for the experts
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
 
-from measure import Timer, copy_bandwidth
+from bench_report import meta, table, write_json
+from bench_timing import Timer, copy_bandwidth
 from dsr1.fp8 import BLOCK, FP8_DTYPE
 from dsr1.kernels import w8a16
 
@@ -30,25 +30,13 @@ ROW_CONFIGS = [{"BLOCK_M": 1, "BLOCK_N": bn, "num_warps": w, "num_stages": st, *
                for bn, w, st, split in itertools.product((16, 32, 64), (4, 8), (1, 3), ({}, {"SPLIT_K": 1}, {"SPLIT_K": 2}, {"SPLIT_K": 4}, {"SPLIT_K": 8}))]
 
 
-def graph_time(timer: Timer, fn, calls: int = 20) -> float:
-    """Seconds per call of `fn`, replayed `calls` times from one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    return timer(graph.replay) / calls
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = p.parse_args()
     device = torch.device("cuda")
     timer = Timer(device)
-    bw = copy_bandwidth(device, 2 << 30, timer)  # read + write bytes of a copy per second, as bench.py's floor uses
+    bw = copy_bandwidth(device, 2 << 30, timer)  # read + write bytes of a copy per second, as model.py's floor uses
     gen = torch.Generator(device).manual_seed(0)
     cases = []
     for name, (n, k) in DENSE.items():
@@ -71,17 +59,17 @@ def main() -> None:
     rows = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     for label, nbytes, m, fn in cases:
-        default = graph_time(timer, lambda: fn(None))
+        default = timer.per_call(lambda: fn(None), graph=True)
         configs = CONFIGS + (ROW_CONFIGS if m == 1 else [])
-        timed = [(graph_time(timer, lambda c=c: fn(c)), c) for c in configs]
+        timed = [(timer.per_call(lambda c=c: fn(c), graph=True), c) for c in configs]
         best = min(timed, key=lambda t: t[0])
         rows.append({"case": label, "bytes": nbytes, "default_us": 1e6 * default, "best_us": 1e6 * best[0], "best_config": best[1],
                      "default_of_bw": nbytes / default / bw, "best_of_bw": nbytes / best[0] / bw, "all_us": [(1e6 * t, c) for t, c in timed]})
         r = rows[-1]
-        print(f"{label:<34} default {r['default_us']:8.1f} µs ({r['default_of_bw']:5.1%} of bw)   best {r['best_us']:8.1f} µs "
-              f"({r['best_of_bw']:5.1%})  {r['best_config']}")
-    if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, indent=1))
+        print(f"{label}: default {r['default_us']:.1f} µs, best {r['best_us']:.1f} µs", flush=True)  # as it comes
+    print(table([("case", "default µs", "of bw", "best µs", "of bw", "best config")] + [
+        (r["case"], f"{r['default_us']:.1f}", f"{r['default_of_bw']:.1%}", f"{r['best_us']:.1f}", f"{r['best_of_bw']:.1%}", r["best_config"]) for r in rows]))
+    write_json(args.json, {"meta": meta(device), "device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from weights import fill_dsr1
+from bench_weights import fill_dsr1
 from dsr1.checkpoint.loader import build_model
 from dsr1.config import ModelConfig
 from tests.parallel.test_ep_generate import torchrun

@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsr1.checkpoint.loader import INDEX_FILE, load_model
+from dsr1 import load_model
+from dsr1.checkpoint.loader import INDEX_FILE
 from dsr1.checkpoint.reader import read_header
 
 SEED = 2025

@@ -18,7 +18,8 @@ TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 
 MEASURE = """
 import json, resource, sys, torch
-from dsr1.checkpoint.loader import Checkpoint, build_model, load_model
+from dsr1 import load_model
+from dsr1.checkpoint.loader import Checkpoint, build_model
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from dsr1 import load_model
-from dsr1.checkpoint.loader import INDEX_FILE
+from dsr1.checkpoint.loader import INDEX_FILE, Checkpoint, build_model, read_weights
 from dsr1.checkpoint.reader import Reader
 
 N_EXPERTS, EP = 16, 4
@@ -30,9 +30,15 @@ def rank_experts(rank: int) -> list[int]:
     return expert_placement(N_EXPERTS, EP, rank, "round_robin").local_expert_global_ids.tolist()
 
 
-def holding(ids: list[int]) -> SimpleNamespace:
-    """Just what the loader and the MoE constructor ask of a dispatcher: this rank's experts, in slot order."""
-    return SimpleNamespace(n_local_experts=len(ids), local_expert_ids=ids)
+def load_rank(path, expert_ids: list[int], rank: int, fp8: bool = False):
+    """What dsr1.load_model loads on an EP rank holding `expert_ids`, without a process group: the checkpoint
+    loader's steps, with a stand-in for the dispatcher (the MoE asks it only which experts it holds)."""
+    ckpt = Checkpoint(path)
+    plan = ckpt.plan(expert_ids, rank=rank)
+    dispatcher = SimpleNamespace(n_local_experts=len(expert_ids), local_expert_ids=expert_ids)
+    model = build_model(ckpt.config, "cpu", torch.float32, fp8, dispatcher=dispatcher)
+    model.load_stats = read_weights(ckpt, plan, model, fp8, progress=False)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,7 @@ def opened(monkeypatch):
 def test_rank_reads_its_experts_into_slots_in_order(ckpt, opened):
     ids = rank_experts(1)
     assert ids == [1, 5, 9, 13]
-    model = load_model(ckpt.path, device="cpu", fp8=True, dispatcher=holding(ids), rank=1, progress=False)
+    model = load_rank(ckpt.path, ids, rank=1, fp8=True)
     for layer_id in range(1, 4):
         experts = model.layers[layer_id].ffn.experts
         assert experts.w1.shape[0] == 4
@@ -113,7 +119,7 @@ def test_ranks_together_read_the_checkpoint_once(ckpt):
     replicated = [n for n in needed(ckpt, []) if not EXPERT.match(n)]
     per_rank = []
     for rank in range(EP):
-        stats = load_model(ckpt.path, device="cpu", fp8=True, dispatcher=holding(rank_experts(rank)), rank=rank, progress=False).load_stats
+        stats = load_rank(ckpt.path, rank_experts(rank), rank, fp8=True).load_stats
         assert stats.ideal_ratio <= 1.05, stats.summary()
         per_rank.append(stats.bytes_read - sum(ckpt.sizes[n] for n in replicated))
     assert sum(per_rank) == routed_bytes
@@ -123,6 +129,6 @@ def test_ranks_together_read_the_checkpoint_once(ckpt):
 def test_ep_rank_model_matches_the_full_model(ckpt):
     """The same expert, loaded by the full model and by an EP rank, dequantized the same way."""
     full = load_model(ckpt.path, device="cpu", progress=False)
-    part = load_model(ckpt.path, device="cpu", dispatcher=holding([3, 7, 11, 15]), rank=3, progress=False)
+    part = load_rank(ckpt.path, [3, 7, 11, 15], rank=3)
     assert torch.equal(part.layers[2].ffn.experts.w2[1], full.layers[2].ffn.experts.w2[7])
     assert torch.equal(part.layers[2].attn.wq_b.weight, full.layers[2].attn.wq_b.weight)

@@ -11,7 +11,6 @@ import json
 import os
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,9 +31,9 @@ def shard_name(ckpt, tensor: str) -> str:
     return re.escape(ckpt.weight_map[tensor])
 
 
-def holding(ids: list[int]) -> SimpleNamespace:
-    """Just what the loader asks of a dispatcher: which experts this rank holds, in slot order."""
-    return SimpleNamespace(n_local_experts=len(ids), local_expert_ids=ids)
+def plan(path, expert_ids: list[int], rank: int):
+    """What the loader checks on EP rank `rank`, holding routed experts `expert_ids`, before it allocates anything."""
+    return loader.Checkpoint(path).plan(expert_ids, rank=rank)
 
 
 def test_missing_tensor(editable):
@@ -143,7 +142,7 @@ def test_more_experts_than_the_config_says(editable):
     config = ckpt.path / "config.json"
     config.write_text(config.read_text().replace('"n_routed_experts": 20', '"n_routed_experts": 16'))
     with pytest.raises(ValueError, match=r"(?s)rank 2: .*routed experts \[16, 17, 18, 19\], beyond config\.json's n_routed_experts=16"):
-        load(ckpt.path, dispatcher=holding([2, 6, 10, 14]), rank=2)
+        plan(ckpt.path, [2, 6, 10, 14], rank=2)
 
 
 @pytest.mark.parametrize("rank, ids, holder", [(1, [1, 5, 9, 13], "rank 1 holds it"), (0, [0, 4, 8, 12], "held by another rank")])
@@ -152,12 +151,13 @@ def test_missing_expert_tensor_fails_on_every_rank(editable, rank, ids, holder):
     name = "model.layers.3.mlp.experts.5.up_proj.weight"
     ckpt.drop([name, name + "_scale_inv"])
     with pytest.raises(ValueError, match=rf"(?s)rank {rank}: .*{re.escape(name)} \(routed expert 5, {holder}\).*routed experts \[5\] are missing"):
-        load(ckpt.path, dispatcher=holding(ids), rank=rank)
+        plan(ckpt.path, ids, rank)
 
 
-def test_dispatcher_experts_outside_the_config(small_checkpoint):
-    with pytest.raises(ValueError, match=r"rank 3: dispatcher\.local_expert_ids=\[3, 16\] must be .*in \[0, 16\)"):
-        load(small_checkpoint(), dispatcher=holding([3, 16]), rank=3)
+@pytest.mark.parametrize("ids", [[3, 16], [3, 3]])
+def test_expert_ids_outside_the_config(small_checkpoint, ids):
+    with pytest.raises(ValueError, match=rf"rank 3: expert_ids={re.escape(str(ids))} must be distinct routed expert ids in \[0, 16\)"):
+        plan(small_checkpoint(), ids, rank=3)
 
 
 def test_a_failure_while_reading_raises(small_checkpoint, monkeypatch):
@@ -206,7 +206,7 @@ def test_misshaped_expert_of_another_rank(editable):
     name = "model.layers.2.mlp.experts.5.down_proj.weight"
     ckpt.replace(name, torch.zeros(96, 192, dtype=torch.float8_e4m3fn))
     with pytest.raises(ValueError, match=rf"rank 0: tensor {re.escape(name)} in shard .*expected shape \[192, 96\] .*found shape \[96, 192\]"):
-        load(ckpt.path, dispatcher=holding([0, 4, 8, 12]), rank=0)
+        plan(ckpt.path, [0, 4, 8, 12], rank=0)
 
 
 def test_dtype_the_loader_does_not_load(editable):

@@ -198,6 +198,7 @@ def test_staged_loading_equals_direct_loading(small_checkpoint, monkeypatch, fp8
         assert torch.equal(staged[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("fp8", [True, False])
 def test_gpu_loading_equals_cpu_loading(small_checkpoint, fp8):

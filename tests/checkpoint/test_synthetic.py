@@ -100,3 +100,13 @@ def test_activations_stay_well_conditioned_and_the_router_uses_every_expert(smal
     for load in loads:  # 8 * 64 tokens * top-4 over 16 experts: 128 each if perfectly even
         share = load.float() / load.float().mean()
         assert share.min() > 0.5 and share.max() < 1.5, load.tolist()
+
+
+def test_without_mtp_the_files_hold_what_a_load_reads(tmp_path, tiny_config):
+    """mtp=False (scripts/bench/model.py --load-dir): no MTP layer, and every tensor is one the loader reads."""
+    raw = {**tiny_config, "vocab_size": 256}
+    path = write_checkpoint(raw, tmp_path, shards=2, mtp=False, device="cpu")
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    assert set(headers(path)) == {s.hf_name for s in checkpoint_tensors(cfg, fp8=True)}
+    assert not [n for n in headers(path) if n.startswith(f"model.layers.{cfg.n_layers}.")]
+    load_model(path, device="cpu", progress=False)

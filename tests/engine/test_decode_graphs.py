@@ -4,6 +4,7 @@ decode gives, for batches that fill a bucket and batches that are padded into on
 import pytest
 import torch
 
+from dsr1.config import GenerationConfig
 from dsr1.engine.decode_graphs import DecodeGraphs, make_graphs
 from dsr1.engine.generation import generate
 from dsr1.kernels import w8a16
@@ -23,6 +24,7 @@ def test_cuda_graphs_on_cpu_say_why_not():
         make_graphs(model, "yes", 64, 4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("fp8_gemm", ["w8a16", "dequant"])
 def test_graph_decode_matches_eager(fp8_gemm):
@@ -38,8 +40,8 @@ def test_graph_decode_matches_eager(fp8_gemm):
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 9, 3)]
     graphs = DecodeGraphs(model, 64, max_batch=4)
     for batch in (prompts[:1], prompts[:2], prompts):  # buckets 1 and 2 exactly, 3 rows padded into 4
-        eager = generate(model, batch, 12, eos_id=-1)
-        replayed = generate(model, batch, 12, eos_id=-1, graphs=graphs)
+        eager = generate(model, batch, GenerationConfig(12, eos_id=-1))
+        replayed = generate(model, batch, GenerationConfig(12, eos_id=-1), graphs=graphs)
         assert replayed == eager, len(batch)
     assert sorted(graphs.graphs) == [1, 2, 4]
 
@@ -47,7 +49,7 @@ def test_graph_decode_matches_eager(fp8_gemm):
 def test_compiled_blocks_trace_whole_and_once_per_kind():
     """The compiled decode block (DecodeGraphs(compile=True)) traces each block with no graph break, once
     per kind of block (dense, MoE) for all layers, and computes what the plain block computes."""
-    from dsr1.engine.decode_graphs import _run_block
+    from dsr1.engine.decode_graphs import decode_step, run_block
     from tests.kernels.test_fp8_gemm import tiny_fp8_model
 
     device = "cuda" if GPU else "cpu"
@@ -60,24 +62,27 @@ def test_compiled_blocks_trace_whole_and_once_per_kind():
         return gm.forward
 
     torch._dynamo.reset()
-    compiled = torch.compile(_run_block, backend=backend, fullgraph=True, dynamic=False)
+    compiled = torch.compile(run_block, backend=backend, fullgraph=True, dynamic=False)
     tokens = torch.randint(2, 512, (2, 1), generator=torch.Generator().manual_seed(0)).to(device)
     start = torch.tensor([3, 7], device=device)
     caches = [model.new_cache(2, 16) for _ in range(2)]
     kinds = {type(layer.ffn).__name__ for layer in model.layers}
     with torch._dynamo.config.patch(recompile_limit=4):
-        eager = model(tokens, start, caches[0], n_keys=16)
-        got = model(tokens, start, caches[1], n_keys=16, run_block=compiled)
+        logits_at = torch.zeros(2, dtype=torch.long, device=device)
+        eager = decode_step(model, tokens, start, caches[0], logits_at, 16)
+        got = decode_step(model, tokens, start, caches[1], logits_at, 16, compiled)
+        torch.testing.assert_close(eager, model(tokens, start, model.new_cache(2, 16), logits_at), rtol=1e-5, atol=1e-5)
     assert len(graphs) == len(kinds) == 2 and len(model.layers) > 2
     torch.testing.assert_close(got, eager, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and Triton")
 def test_compiled_graph_decode_is_as_accurate_as_eager():
     """Compiled blocks must stay as close to the fp32 model's logits as eager bf16 is. Inductor's default
     (fp32 kept between fused ops where eager rounds) moved them 7x further on an H200; compiled_block asks
     it to round where eager rounds (fused reductions may still sum in another order)."""
-    from measure import Dsr1GraphRunner, Dsr1Runner, compare_logits, decode_step_logits
+    from bench_measure import Dsr1GraphRunner, Dsr1Runner, compare_logits, decode_step_logits
     from tests.kernels.test_fp8_gemm import tiny_fp8_model
 
     model = tiny_fp8_model("cuda", torch.bfloat16)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsr1 import load_model
+from dsr1 import GenerationConfig, load_model
 from dsr1.engine.generation import generate
 
 # dsr1.generate_cli and dsr1.tokenizer (which import transformers) are imported in the tests that use
@@ -55,29 +55,29 @@ def greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
 
 
 def test_greedy_matches_full_recompute(model):
-    assert generate(model, [PROMPTS[0]], 6, eos_id=NO_EOS) == [greedy_by_recompute(model, PROMPTS[0], 6)]
+    assert generate(model, [PROMPTS[0]], GenerationConfig(6, eos_id=NO_EOS)) == [greedy_by_recompute(model, PROMPTS[0], 6)]
 
 
 @pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
 def test_batch_matches_each_prompt_alone(ckpt, model, attn_impl):
     if attn_impl != "absorb":
         model = load_model(ckpt, device="cpu", dtype=torch.float32, attn_impl=attn_impl, progress=False)
-    alone = [generate(model, [p], 5, eos_id=NO_EOS)[0] for p in PROMPTS]
-    assert generate(model, PROMPTS, 5, eos_id=NO_EOS) == alone
+    alone = [generate(model, [p], GenerationConfig(5, eos_id=NO_EOS))[0] for p in PROMPTS]
+    assert generate(model, PROMPTS, GenerationConfig(5, eos_id=NO_EOS)) == alone
 
 
 def test_eos_stops_only_its_row(model):
-    ref = generate(model, [PROMPTS[0]], 6, eos_id=NO_EOS)[0]
+    ref = generate(model, [PROMPTS[0]], GenerationConfig(6, eos_id=NO_EOS))[0]
     k = max(i for i, t in enumerate(ref) if t not in ref[:i])  # the latest step that first produces its token
     eos = ref[k]
-    other = generate(model, [PROMPTS[1]], 6, eos_id=eos)[0]
-    assert generate(model, [PROMPTS[0], PROMPTS[1]], 6, eos_id=eos) == [ref[:k], other]
+    other = generate(model, [PROMPTS[1]], GenerationConfig(6, eos_id=eos))[0]
+    assert generate(model, [PROMPTS[0], PROMPTS[1]], GenerationConfig(6, eos_id=eos)) == [ref[:k], other]
 
 
 def test_on_token_streams_and_should_stop_stops(model):
     seen = []
     out = generate(
-        model, PROMPTS, 5, eos_id=NO_EOS,
+        model, PROMPTS, GenerationConfig(5, eos_id=NO_EOS),
         on_token=lambda row, token: seen.append((row, token)),
         should_stop=lambda row, ids: row == 1 and len(ids) == 2,
     )
@@ -87,18 +87,18 @@ def test_on_token_streams_and_should_stop_stops(model):
 
 def test_too_long_prompt_is_refused(ckpt):
     model = load_model(ckpt, device="cpu", dtype=torch.float32, max_seq_len=32, progress=False)
-    assert len(generate(model, [[0] * 24], 8, eos_id=NO_EOS)[0]) == 8  # exactly at the limit
+    assert len(generate(model, [[0] * 24], GenerationConfig(8, eos_id=NO_EOS))[0]) == 8  # exactly at the limit
     with pytest.raises(ValueError, match=r"prompt 1 has 25 tokens.*33 positions, beyond max_seq_len=32; raise --max-seq-len"):
-        generate(model, [[0] * 3, [0] * 25], 8)
+        generate(model, [[0] * 3, [0] * 25], GenerationConfig(8))
 
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(model):
     def sample(**kw):
-        return generate(model, PROMPTS, 6, temperature=1.0, eos_id=NO_EOS, **kw)
+        return generate(model, PROMPTS, GenerationConfig(6, temperature=1.0, eos_id=NO_EOS, **kw))
 
     assert sample(seed=1) == sample(seed=1)
     assert sample(seed=1) != sample(seed=2)
-    assert sample(top_p=1e-6, seed=3) == generate(model, PROMPTS, 6, eos_id=NO_EOS)
+    assert sample(top_p=1e-6, seed=3) == generate(model, PROMPTS, GenerationConfig(6, eos_id=NO_EOS))
 
 
 def _group_worker(rank: int, ckpt: str, init_file: str, out_dir: str) -> None:
@@ -108,7 +108,7 @@ def _group_worker(rank: int, ckpt: str, init_file: str, out_dir: str) -> None:
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     prompts = PROMPTS[:2] if rank == 0 else []  # rank 1 is idle but must step with rank 0
-    out = generate(model, prompts, 4, eos_id=NO_EOS, group=dist.group.WORLD)
+    out = generate(model, prompts, GenerationConfig(4, eos_id=NO_EOS), group=dist.group.WORLD)
     Path(out_dir, f"{rank}.json").write_text(json.dumps({"out": out, "calls": len(calls)}))
     dist.destroy_process_group()
 
@@ -116,7 +116,7 @@ def _group_worker(rank: int, ckpt: str, init_file: str, out_dir: str) -> None:
 def test_group_keeps_ranks_in_lockstep(ckpt, model, tmp_path):
     mp.spawn(_group_worker, args=(str(ckpt), str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
-    assert r0["out"] == generate(model, PROMPTS[:2], 4, eos_id=NO_EOS)
+    assert r0["out"] == generate(model, PROMPTS[:2], GenerationConfig(4, eos_id=NO_EOS))
     assert r1["out"] == [] and r0["calls"] == r1["calls"] == 4  # prefill + 3 decode steps
 
 
@@ -185,3 +185,14 @@ def test_cli_errors_name_the_flag(ckpt, capsys):
     assert "--max-seq-len" in error("--ckpt-path", str(ckpt), "--max-seq-len", "8", "--prompt", "a long prompt " * 4)
     assert "torchrun --nproc-per-node 2" in error("--ckpt-path", str(ckpt), "--ep", "2")  # one process, two EP ranks asked
     assert "round_robin" in error("--ep", "2", "--expert-placement", "diagonal")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-1), r"--max-new-tokens must be >= 0, got -1"),
+    (dict(max_new_tokens=4, temperature=-0.5), r"--temperature must be >= 0 \(0 = greedy\), got -0.5"),
+    (dict(max_new_tokens=4, temperature=float("nan")), r"--temperature must be >= 0 \(0 = greedy\), got nan"),
+    (dict(max_new_tokens=4, top_p=0.0), r"--top-p must be in \(0, 1\], got 0.0"),
+])
+def test_generation_config_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kwargs)

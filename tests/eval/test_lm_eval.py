@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from dsr1 import load_model  # noqa: E402
+from dsr1 import GenerationConfig, load_model  # noqa: E402
 from dsr1.eval import lm_eval as adapter  # noqa: E402
 from dsr1.eval.lm_eval import DSR1LM, StopStrings, resolve_batch_size, resolve_device  # noqa: E402
 from dsr1.engine.generation import generate  # noqa: E402
@@ -43,7 +43,7 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
 
 
 def greedy_ids(lm: DSR1LM, context: str, n: int) -> list[int]:
-    ids = generate(lm.model, [lm.tok_encode(context)], n, eos_id=-1)[0]  # eos_id=-1: never stop early
+    ids = generate(lm.model, [lm.tok_encode(context)], GenerationConfig(n, eos_id=-1))[0]  # eos_id=-1: never stop early
     assert len(ids) == n
     return ids
 
@@ -220,7 +220,7 @@ def test_run_lm_eval_gsm8k_tiny(ckpt, tmp_path):
 
     def completion(context: str) -> str:
         """Greedy, at most 16 tokens or up to EOS, cut at the first stop string."""
-        text = decode(tok, generate(model, [encode_prompt(tok, context, chat=False)], 16)[0])
+        text = decode(tok, generate(model, [encode_prompt(tok, context, chat=False)], GenerationConfig(16))[0])
         return min((text[: text.index(s)] for s in GSM8K_UNTIL if s in text), key=len, default=text)
 
     tiny = REPO / "evals" / "tasks" / "gsm8k_tiny"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weights import fill_dsr1
+from bench_weights import fill_dsr1
 from dsr1.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, dequantize, quantize
 from dsr1.checkpoint.loader import build_model
 from dsr1.config import ModelConfig
@@ -115,6 +115,7 @@ def test_use_fp8_gemm_reaches_every_fp8_layer():
 R1_SHAPES = [(1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384), (18432, 7168), (7168, 18432), (2048, 7168), (7168, 2048)]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not SM90, reason="block-scaled FP8 matmul needs an SM90 GPU")
 @pytest.mark.parametrize("m", [1, 3, 64, 130])
 @pytest.mark.parametrize("n,k", R1_SHAPES)
@@ -128,6 +129,7 @@ def test_scaled_mm_matches_dequant_on_r1_shapes(m, n, k):
     assert rel_err(got, DEQUANT.linear(x.float(), weight, scale)) < QUANT_TOL
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not SM90, reason="block-scaled FP8 matmul needs an SM90 GPU")
 def test_scaled_mm_model_against_dequant():
     """A whole model on scaled_mm stays near dequant, far from what a wrong scale layout or operand order gives.

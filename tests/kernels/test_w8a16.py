@@ -12,6 +12,8 @@ import torch
 
 from dsr1.fp8 import dequantize, quantize
 from dsr1.kernels import w8a16
+from dsr1.kernels.backend import Dequant
+from dsr1.kernels.experts import MASKED
 from dsr1.kernels.fp8_gemm import DEQUANT, W8A16, select_fp8_backend, use_fp8_gemm
 from dsr1.model.mlp import GroupedExperts
 
@@ -199,15 +201,20 @@ def test_masked_experts_match_the_loop(fp8):
     experts.gemm = W8A16()
     x = torch.randn(4, 6, 256, generator=gen).to(DEVICE, torch.bfloat16)
     counts = torch.tensor([2, 0, 6, 1], dtype=torch.int32, device=DEVICE)
-    assert experts.resolve_impl(x) == ("masked" if fp8 or DEVICE == "cuda" else "grouped")
-    experts.impl = "masked"
-    got = experts(x, counts)
+    assert experts.kernel(x) is (MASKED if fp8 or DEVICE == "cuda" else None)  # run-dtype weights on CPU: the loop
+    got = MASKED(x, counts, None, *experts.weights())
     valid = torch.arange(6, device=DEVICE) < counts.unsqueeze(1)
-    assert torch.equal(experts(x, counts, max_active=3)[valid], got[valid])  # 3 experts have rows
-    experts.impl, experts.gemm = "loop", DEQUANT
+    assert torch.equal(MASKED(x, counts, 3, *experts.weights())[valid], got[valid])  # 3 experts have rows
+    experts.gemm = NoExpertKernel()
     want = experts(x, counts)
-    valid = torch.arange(6, device=DEVICE) < counts.unsqueeze(1)
     assert rel_err(got[valid], want[valid]) < 1e-2
+
+
+class NoExpertKernel(Dequant):
+    """The plain backend without its choice of an expert kernel on a GPU: GroupedExperts runs its reference loop."""
+
+    def expert_kernel(self, x, fp8):
+        return None
 
 
 def test_whole_model_matches_dequant():
@@ -222,7 +229,7 @@ def test_whole_model_matches_dequant():
     with torch.inference_mode():
         ref = model(tokens)
         use_fp8_gemm(model, select_fp8_backend("w8a16", DEVICE))
-        assert {m.resolve_impl(ref.bfloat16()) for m in model.modules() if isinstance(m, GroupedExperts)} == {"masked"}
+        assert {m.kernel(ref.bfloat16()) for m in model.modules() if isinstance(m, GroupedExperts)} == {MASKED}
         got = model(tokens)
         one = model(tokens[:1, :1])  # one token: a matrix-vector product per weight, the kernel run for its top-k experts only
         use_fp8_gemm(model, DEQUANT)
@@ -264,8 +271,8 @@ def r1_heads_config():
 @pytest.mark.parametrize("rows", [1, 3])
 def test_mla_per_head_products_read_the_fp8_wkv_b(rows):
     """MLA's absorbed W_UK / W_UV products with the W8A16 backend: heads as the experts of one grouped launch on
-    strided views of the FP8 wkv_b, against the einsum on the dequantized weight (R1's 128-wide heads, so each
-    head owns whole scale blocks; the tiny test model's 32-wide heads take the einsum)."""
+    strided views of the FP8 wkv_b, against MLA's einsums on the dequantized weight (R1's 128-wide heads, so each
+    head owns whole scale blocks; the tiny test model's 32-wide heads take the einsum: the backend returns None)."""
     from dsr1.model.attention import MLA
 
     cfg = r1_heads_config()
@@ -276,13 +283,15 @@ def test_mla_per_head_products_read_the_fp8_wkv_b(rows):
     gen = torch.Generator().manual_seed(10)
     q_nope = torch.randn(1, rows, 3, 128, generator=gen).to(DEVICE, torch.bfloat16)  # [b, s, h, d]
     o_latent = torch.randn(1, rows, 3, 256, generator=gen).to(DEVICE, torch.bfloat16)  # [b, s, h, c]
-    outs = {}
-    for gemm in (DEQUANT, W8A16()):
-        attn.wkv_b.gemm = gemm
-        outs[gemm.name] = attn._per_head(q_nope, "W_UK"), attn._per_head(o_latent, "W_UV")
-    for got, ref in zip(outs["w8a16"], outs["dequant"]):
-        assert got.shape == ref.shape
-        assert rel_err(got, ref) < TOL
+    w, s, d = attn.wkv_b.weight, attn.wkv_b.scale, attn.nope_dim
+    wkv_b = attn._wkv_b(torch.bfloat16)  # [h, 2d, c]: W_UK, then W_UV
+    want = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :d]), torch.einsum("bshc,hdc->bshd", o_latent, wkv_b[:, d:])
+    got = W8A16().w_uk(q_nope, w, s, d), W8A16().w_uv(o_latent, w, s, d)
+    assert DEQUANT.w_uk(q_nope, w, s, d) is None and DEQUANT.w_uv(o_latent, w, s, d) is None
+    for g, ref in zip(got, want):
+        assert g.shape == ref.shape
+        assert rel_err(g, ref) < TOL
+    assert W8A16().w_uk(q_nope, w, s, 32) is None  # 32-wide heads: not whole scale blocks
 
 
 @pytest.mark.parametrize("b,t", [(1, 37), (3, 130), (8, 20)])
@@ -300,12 +309,12 @@ def test_mla_decode_cache_products_in_the_kernel(b, t):
     q = torch.randn(b, 1, cfg.n_heads, c + r, generator=gen).to(DEVICE, torch.bfloat16)
     cache = torch.randn(b, t + 5, c + r, generator=gen).to(DEVICE, torch.bfloat16)  # rows past t: another step's keys
     keep = (torch.arange(t) < torch.randint(1, t + 1, (b, 1, 1), generator=gen)).to(DEVICE)  # [b, 1, t]
-    outs = {}
-    for gemm in (DEQUANT, W8A16()):
-        attn.wkv_b.gemm = gemm
-        outs[gemm.name] = attn._attend_latent(q, cache[:, :t], keep)
-    assert outs["w8a16"].shape == outs["dequant"].shape == (b, 1, cfg.n_heads, c)
-    assert rel_err(outs["w8a16"], outs["dequant"]) < TOL
+    keys, kv = cache[:, :t], cache[:, :t, :c]
+    want = torch.einsum("bsht,btc->bshc", attn._softmax(torch.einsum("bshc,btc->bsht", q, keys), keep), kv)
+    backend = W8A16()
+    got = backend.latent_values(attn._softmax(backend.latent_scores(q, keys), keep), kv)
+    assert got.shape == want.shape == (b, 1, cfg.n_heads, c)
+    assert rel_err(got, want) < TOL
 
 
 def test_mla_on_an_empty_batch():

@@ -6,7 +6,7 @@ import torch
 from tests.parallel.ep_spawn import run_ranks
 
 import dsr1
-from dsr1.engine.load import make_dispatcher
+from dsr1 import ParallelConfig
 
 MAX_TOKENS = 4  # small, so a rank's 12 tokens take 3 dispatch rounds
 
@@ -20,9 +20,8 @@ def tokens(step: int, rank: int) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, ckpt: str, strategy: str, out_dir: str) -> None:
-    placement = dsr1.expert_placement(16, world, rank, strategy)
-    dispatcher = make_dispatcher("torch", placement, None, MAX_TOKENS, 192)
-    model = dsr1.load_model(ckpt, device="cpu", dtype=torch.float32, dispatcher=dispatcher, rank=rank, progress=False)
+    parallel = ParallelConfig(world, strategy, "torch", max_dispatch_tokens=MAX_TOKENS)
+    model = dsr1.load_model(ckpt, device="cpu", dtype=torch.float32, progress=False, parallel=parallel, rank=rank)
     with torch.no_grad():
         torch.save([model(tokens(step, rank)) for step in range(len(STEPS))], f"{out_dir}/rank{rank}.pt")
 

@@ -1,5 +1,5 @@
-"""Timings shared by the dsr1 and transformers runners: prefill throughput, decode step time, peak memory,
-and the memory-bandwidth floor of a decode step.
+"""What the model benchmarks measure, the same way for the dsr1 and transformers runners: prefill
+throughput, decode step time, peak memory, and the memory-bandwidth floor of a decode step.
 
 Prefill is timed the way generation runs it: a fresh KV cache, logits for the last position only.
 Decode starts from a cache already holding `context` random positions (the prompt's content does not
@@ -10,37 +10,14 @@ b batch, s prompt length, v vocabulary
 
 from __future__ import annotations
 
-import time
-from typing import Callable
-
 import torch
 from torch import Tensor
 
+from bench_timing import Timer
 from dsr1.checkpoint.hf_names import checkpoint_tensors
 from dsr1.config import ModelConfig
 from dsr1.engine.decode_graphs import DecodeGraphs
 from dsr1.model.transformer import Transformer
-
-
-class Timer:
-    """Wall time of device work: CUDA events on a GPU, the host clock after a sync elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        """Seconds `fn` takes, measured from an idle device."""
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
 
 
 class Dsr1Runner:
@@ -126,8 +103,7 @@ def measure_prefill(runner, batch: int, length: int, vocab: int, reps: int, time
     """Median of `reps` timed prefills of random [batch, length] prompts after one warm-up."""
     tokens = torch.randint(0, vocab, (batch, length), device=runner.device)
     runner.prefill(tokens)
-    times = sorted(timer(lambda: runner.prefill(tokens)) for _ in range(reps))
-    t = times[len(times) // 2]
+    t = timer.median(lambda: runner.prefill(tokens), reps)
     return {"batch": batch, "length": length, "seconds": t, "tokens_per_s": batch * length / t}
 
 
@@ -191,15 +167,6 @@ def floor_bytes(cfg: ModelConfig, batch: int, context: int, experts: list[int]) 
     }
     out["total"] = sum(out.values())
     return out
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, timer: Timer, reps: int = 10) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written (median of reps)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = sorted(timer(lambda: dst.copy_(src)) for _ in range(reps))
-    return 2 * nbytes / times[len(times) // 2]
 
 
 def compare_logits(got: Tensor, ref: Tensor) -> dict:

@@ -1,4 +1,4 @@
-"""transformers' DeepseekV3ForCausalLM holding the same random weights as dsr1 (scripts/bench/weights.py).
+"""transformers' DeepseekV3ForCausalLM holding the same random weights as dsr1 (scripts/bench/bench_weights.py).
 
 FP8: the model is built on the meta device and converted by transformers' own FineGrainedFP8 quantizer
 (FP8Linear, FP8Experts with the grouped_mm experts path, lm_head left in bf16), as `from_pretrained`
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weights import random_tensors
+from bench_weights import random_tensors
 from dsr1.fp8 import dequantize
 from dsr1.config import ModelConfig
 

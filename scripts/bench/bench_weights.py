@@ -4,26 +4,23 @@ Each tensor of `checkpoint_tensors(cfg, fp8=True)` comes from its own generator,
 name, so two models built one after the other (only one fits on the card at a time) hold identical
 values without a checkpoint on disk. FP8 weights are N(0, 1) rounded to e4m3, and their block scales
 carry the layer's size (1/sqrt(in), smaller for projections into the residual stream), as in
-dsr1/checkpoint/synthetic.py, so activations stay near unit size through the stack.
+dsr1/checkpoint/synthetic.py, so activations stay near unit size through the stack. (A checkpoint on
+disk, e.g. for the load benchmark, comes from dsr1.checkpoint.synthetic.write_checkpoint.)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dsr1.fp8 import FP8_DTYPE
 from dsr1.checkpoint.hf_names import TensorSpec, checkpoint_tensors
-from dsr1.checkpoint.loader import INDEX_FILE
 from dsr1.config import ModelConfig
-from dsr1.checkpoint.synthetic import RESIDUAL_OUTPUTS, split_points
+from dsr1.checkpoint.synthetic import RESIDUAL_OUTPUTS
 
 
 class RandomTensor(NamedTuple):
@@ -90,30 +87,3 @@ def _dsr1_target(model: nn.Module, spec: TensorSpec) -> Tensor:
     except AttributeError:
         t = model.get_buffer(spec.param)
     return t.data if spec.slot is None else t.data[spec.slot]
-
-
-def write_checkpoint(cfg: ModelConfig, raw_config: dict, out: str | Path, device, seed: int = 0, shards: int = 8) -> int:
-    """Write `random_tensors` as an FP8 HF checkpoint in `out` (config.json, index, shards); returns its bytes.
-
-    Shards hold about equal bytes and are written one at a time, so the device holds one shard's tensors."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = checkpoint_tensors(cfg, fp8=True)
-    scales = {s.hf_name: s for s in specs if s.is_scale}
-    weights = [s for s in specs if not s.is_scale]
-    cuts = split_points([s.nbytes + (scales[s.scale_name].nbytes if s.dtype == FP8_DTYPE else 0) for s in weights], shards)
-    tensors = random_tensors(cfg, device, seed)
-    weight_map, total = {}, 0
-    for i in range(shards):
-        filename = f"model-{i + 1:05d}-of-{shards:06d}.safetensors"
-        shard = {}
-        for t in (next(tensors) for _ in range(cuts[i + 1] - cuts[i])):
-            shard[t.spec.hf_name] = t.value.cpu()
-            if t.scale is not None:
-                shard[t.scale_spec.hf_name] = t.scale.cpu()
-        save_file(shard, str(out / filename), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-        total += sum(v.nbytes for v in shard.values())
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps(raw_config, indent=2))
-    return total

@@ -1,6 +1,6 @@
 """The cold-load figure's pieces: evicting a checkpoint from the page cache, the disk's own read rate,
 reading the same checkpoint the plain way (safetensors, tensor by tensor, `.to(device)`) as a peer, and
-timing dsr1.load_model on it."""
+timing dsr1.load_model on it (scripts/bench/model.py --load-dir, scripts/bench/disk_read.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import functools
 import mmap
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+import dsr1
 import dsr1.checkpoint.loader as loader
-from measure import Timer
+from bench_timing import Timer
 from dsr1.checkpoint.reader import CHUNK, THREADS, Reader
 
 
@@ -57,24 +57,32 @@ def disk_read_rate(files: list[Path], threads: int = THREADS, chunk: int = CHUNK
         finally:
             os.close(fd)
 
-    t = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read, jobs))
-    return total / (time.perf_counter() - t)
+    total = 0
+
+    def read_all() -> None:
+        nonlocal total
+        with ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(read, jobs))
+
+    t = Timer("cpu")(read_all)
+    return total / t
 
 
 def safetensors_read_rate(files: list[Path], device: torch.device) -> float:
     """Bytes per second loading every tensor of `files` (evicted first) the plain way: safetensors'
     memory-mapped get_tensor, then a synchronous `.to(device)`, one tensor after another."""
     evict(files)
-    total, t = 0, time.perf_counter()
-    for f in files:
-        with safe_open(str(f), "pt") as handle:
-            for name in handle.keys():
-                total += handle.get_tensor(name).to(device).nbytes
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return total / (time.perf_counter() - t)
+    total = 0
+
+    def read_all() -> None:
+        nonlocal total
+        for f in files:
+            with safe_open(str(f), "pt") as handle:
+                for name in handle.keys():
+                    total += handle.get_tensor(name).to(device).nbytes
+
+    t = Timer(device)(read_all)
+    return total / t
 
 
 def time_load(path: Path, device: torch.device, dtype: torch.dtype, gemm: str = "auto", reader: tuple[int, int] | None = None) -> tuple[float, str]:
@@ -85,6 +93,6 @@ def time_load(path: Path, device: torch.device, dtype: torch.dtype, gemm: str = 
     if reader is not None:
         loader.Reader = functools.partial(Reader, threads=reader[0], chunk=reader[1])
     try:
-        return Timer(device)(lambda: loader.load_model(path, device=device, dtype=dtype, fp8=True, progress=False, gemm=gemm)), how
+        return Timer(device)(lambda: dsr1.load_model(path, device=device, dtype=dtype, fp8=True, progress=False, gemm=gemm)), how
     finally:
         loader.Reader = default
