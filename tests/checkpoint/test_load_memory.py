@@ -17,7 +17,7 @@ import dsr1.checkpoint.synthetic as synthetic
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 
 MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
 from dsr1 import load_model
 from dsr1.checkpoint.loader import Checkpoint, build_model
 
@@ -27,7 +27,8 @@ def rss():
 build_model(Checkpoint(sys.argv[1]).config, "cpu", torch.bfloat16, False)  # imports and allocator warm-up
 before = rss()
 model = load_model(sys.argv[1], device="cpu", dtype=torch.bfloat16, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this process's own high-water mark: getrusage's ru_maxrss also keeps the parent's RSS from before exec
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"model": sum(t.nbytes for t in model.state_dict().values()), "peak": peak - before}))
 """
 
