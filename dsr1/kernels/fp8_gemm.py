@@ -13,7 +13,8 @@ Four backends compute the same product:
 - `w8a16` (dsr1/kernels/w8a16_backend.py): weight-only FP8 (dsr1/kernels/w8a16.py, Triton): the FP8 weight
   is read once and multiplied with the bf16 activations as they are, so the result stays within bf16 rounding
   of `dequant` (the activation quantization of the two FP8xFP8 backends costs ~2.5% per matmul). It also runs MLA's per-head and
-  latent-cache products and the routed experts on the DeepEP low-latency layout, with no host sync.
+  latent-cache products and the routed experts on the DeepEP low-latency layout, with no host sync. Its dense
+  products past 256 rows (prefill, compute-bound) go to `scaled_mm` where that runs, else to `dequant`.
 
 All four are one interface (backend.Backend): a layer holds one as `gemm` and asks it for each fast path.
 
@@ -156,7 +157,11 @@ def _probe(name: str, device: torch.device):
             return None, "needs Triton and a CUDA device" if w8a16.triton is not None else "needs Triton (pip install triton)"
         backend = W8A16()
         err = _self_check(backend, device, n=320)
-        return (backend, "ok") if err <= W8A16_TOL else (None, f"self-check relative error {err:.2e} > {W8A16_TOL}")
+        if not err <= W8A16_TOL:
+            return None, f"self-check relative error {err:.2e} > {W8A16_TOL}"
+        prefill, _ = _probe("scaled_mm", device)  # products past DENSE_MAX_ROWS rows on FP8 tensor cores where it runs
+        backend.prefill = prefill or DEQUANT
+        return backend, "ok" if prefill else "ok (prefill products through dequant: no block-scaled FP8 GEMM here)"
     if device.type != "cuda":
         return None, f"needs a CUDA device, got {device}"
     if torch.cuda.get_device_capability(device) != (9, 0):

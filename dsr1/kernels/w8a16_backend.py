@@ -18,22 +18,27 @@ from dsr1.kernels.backend import DEQUANT, Backend
 
 
 class W8A16(Backend):
-    """Past w8a16.DENSE_MAX_ROWS rows a product is compute-bound, and cuBLAS on the dequantized weight (the
-    same bf16 weight, so the same function) is faster than the kernel (scripts/bench/fp8_gemm.py on H200: 1.7 vs
-    2.6 ms for o_proj at 2048 rows; 0.11 vs 1.2 ms the other way at 1 row)."""
+    """Past w8a16.DENSE_MAX_ROWS rows (a prefill) a product is compute-bound, and the kernel, which multiplies in
+    bf16, is slower than tensor-core GEMMs (scripts/bench/fp8_gemm.py on H200: 2.6 ms for o_proj at 2048 rows
+    against 1.7 for cuBLAS on the dequantized weight; 0.11 vs 1.2 ms the other way at 1 row). Those products go
+    to `prefill`: block-scaled FP8 x FP8 (ScaledMM, 1x128 activation scales as DeepSeek-V3's own inference code
+    quantizes them) where the device has it, chosen when the backend is selected (fp8_gemm._probe), else dequant."""
 
     name = "w8a16"
     keeps_dense = True  # MLA's wkv_b, used outside a matmul where no kernel takes it, is dequantized once and kept
 
+    def __init__(self, prefill: Backend = DEQUANT):
+        self.prefill = prefill
+
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         if not self._dense_kernel(x):
-            return DEQUANT.linear(x, weight, scale)
+            return self.prefill.linear(x, weight, scale)
         return w8a16.linear(x, weight, scale)
 
     def linear_pair(self, x: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """One kernel launch for both (two small products pay one launch's fixed cost; grouped_linear's `second`)."""
         if not self._dense_kernel(x):
-            return DEQUANT.linear(x, *first), DEQUANT.linear(x, *second)
+            return self.prefill.linear(x, *first), self.prefill.linear(x, *second)
         return w8a16.linear(x, *first, second=second).split([first[0].shape[0], second[0].shape[0]], dim=-1)
 
     def w_uk(self, q_nope: Tensor, weight: Tensor, scale: Tensor | None, nope_dim: int) -> Tensor | None:
