@@ -197,13 +197,16 @@ class ParallelConfig:
 class GenerationConfig:
     """What dsr1.engine.generation.generate does with each prompt: greedy at temperature 0, else nucleus
     (top-p) sampling from a generator seeded with `seed`; a row stops at `eos_id` (None: the model
-    config's) or after `max_new_tokens`."""
+    config's) or after `max_new_tokens`. Prompts are prefilled in chunks of at most `prefill_chunk` tokens."""
 
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     eos_id: int | None = None
+    # Peak prefill activations grow with the chunk, not the prompt. 4096 rows keep each chunk's matmuls
+    # as efficient as a whole prompt's on a GPU while R1's per-chunk activations stay a few GB.
+    prefill_chunk: int = 4096
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -212,6 +215,8 @@ class GenerationConfig:
             raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be >= 1 (tokens per prefill forward), got {self.prefill_chunk}")
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

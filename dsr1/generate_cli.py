@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="with --fp8-weights, how FP8 weights are multiplied: auto picks "
                        "deepgemm (if importable), else w8a16 (Triton, CUDA), else torch's block-scaled scaled_mm (Hopper), else dequant")
     model.add_argument("--max-seq-len", type=POSITIVE, help="longest prompt + generation the model accepts; default max_position_embeddings")
+    model.add_argument("--prefill-chunk", type=POSITIVE, default=GenerationConfig.prefill_chunk, help="prompt tokens per prefill forward: "
+                       f"peak activation memory follows this, not the prompt length (default {GenerationConfig.prefill_chunk})")
     model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
                        "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
     model.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     if group is not None:  # what each rank read of the checkpoint (its own experts only)
         for line in gather_to_rank0(model.load_stats.summary(), group) or []:
             log_rank0(line, file=sys.stderr)
-    config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, prefill_chunk=args.prefill_chunk)
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
     graphs = make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
     if args.interactive:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from dsr1.model.attention import Causal
 from dsr1.model.mlp import GroupedExperts
 from dsr1.model.transformer import Transformer
 from dsr1.model.dispatch import single_dispatch
@@ -121,22 +122,22 @@ class DecodeGraphs:
         return g
 
 
-def run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache) -> Tensor:
+def run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, mask: Causal, cache) -> Tensor:
     """One decoder block, as a function of the block: compiled once, it serves every layer of the same kind."""
-    return layer(h, positions, freqs_cis, keep, cache)
+    return layer(h, positions, freqs_cis, mask, cache)
 
 
 def decode_step(model: Transformer, tokens: Tensor, start_pos: Tensor, cache: list, logits_at: Tensor, n_keys: int, block=run_block) -> Tensor:
     """Transformer.forward(tokens, start_pos, cache, logits_at) without its host sync: the queries attend over
     the fixed cache rows [0, n_keys) (masked past each position), and nothing checks max_seq_len.
     tokens [b, s], start_pos [b], logits_at [b] -> logits [b, v] fp32. block(layer, h, positions, freqs_cis,
-    keep, cache) runs each decoder block: `run_block` (the default) or `compiled_block()`."""
+    mask, cache) runs each decoder block: `run_block` (the default) or `compiled_block()`."""
     positions = model.positions(tokens, start_pos)  # [b, s]
-    keep = model.attention_mask(positions, cache, n_keys)  # [b, s, T]
+    mask = Causal.cached(positions, n_keys)  # keys at 0 .. T - 1: each layer masks those past each position
     freqs_cis = model.freqs_cis[positions]
     h = model.embed(tokens)
     for layer, layer_cache in zip(model.layers, cache):  # the MTP layers' caches come last, unused
-        h = block(layer, h, positions, freqs_cis, keep, layer_cache)
+        h = block(layer, h, positions, freqs_cis, mask, layer_cache)
     return model.logits(h, logits_at)
 
 

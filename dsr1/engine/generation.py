@@ -1,5 +1,5 @@
-"""Batched autoregressive generation: one prefill over right-padded prompts, then token-by-token decode
-with a KV cache (the absorbed latent cache unless the model was built with attn_impl="naive").
+"""Batched autoregressive generation: a chunked prefill over right-padded prompts, then token-by-token
+decode with a KV cache (the absorbed latent cache unless the model was built with attn_impl="naive").
 
 b batch (prompts on this rank), l longest prompt, v vocabulary
 """
@@ -54,8 +54,8 @@ def generate(
     tokens = torch.zeros(b, max(lengths, default=1), dtype=torch.long)  # [b, l], right-padded
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    # Causal attention keeps each row exact; pad keys sit past the row's end and are overwritten in decode.
-    logits = model(tokens.to(device), 0, cache, logits_at=torch.tensor(lengths, dtype=torch.long, device=device) - 1)  # [b, v]
+    lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)  # [b]
+    logits = prefill(model, tokens.to(device), lengths_t, cache, config.prefill_chunk, group)  # [b, v]
 
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * b
@@ -84,6 +84,40 @@ def generate(
             logits = graphs.step(step_tokens, start_pos)
         else:
             logits = model(step_tokens, start_pos, cache, logits_at=torch.zeros(b, dtype=torch.long, device=device))
+
+
+def prefill(model: Transformer, tokens: Tensor, lengths: Tensor, cache: list, chunk: int, group: ProcessGroup | None = None) -> Tensor:
+    """Write right-padded prompts tokens [b, l] (real lengths `lengths` [b]) into `cache` in forwards of at
+    most `chunk` positions -> logits [b, v] fp32 at each row's last prompt token.
+
+    Peak activations follow the chunk, not the prompt; each chunk's MoE is split further by the
+    dispatcher's max_tokens. Causal attention keeps each row exact; pad keys sit past the row's end and
+    are overwritten in decode. With a process group every rank runs as many forwards as the longest
+    batch on any rank needs (each MoE layer's dispatch is a collective), feeding empty batches once its
+    own prompts are in.
+    """
+    b, l = tokens.shape
+    logits = torch.zeros(b, model.cfg.vocab_size, dtype=torch.float32, device=tokens.device)  # [b, v]
+    last = lengths - 1  # [b]
+    for a in chunk_starts(l if b else 0, chunk, group):
+        if a >= l:
+            model(tokens[:0, :1], 0, cache, logits_at=last[:0])  # nothing left here; other ranks still dispatch
+            continue
+        piece = tokens[:, a : a + chunk]  # [b, <= chunk]
+        at = (last - a).clamp(0, piece.shape[1] - 1)  # [b]: the last token's index for rows that end in this chunk
+        here = (last >= a) & (last < a + piece.shape[1])  # [b]
+        chunk_logits = model(piece, a, cache, logits_at=at)  # [b, v]
+        logits = torch.where(here.unsqueeze(1), chunk_logits, logits)
+    return logits
+
+
+def chunk_starts(length: int, chunk: int, group: ProcessGroup | None = None) -> range:
+    """Start positions of the prefill forwards over `length` positions in chunks of `chunk`; with a group,
+    as many as the longest on any rank needs (starts past `length` are this rank's empty forwards)."""
+    n = -(-length // chunk)
+    if group is not None:
+        n = all_reduce_max(n, group)
+    return range(0, n * chunk, chunk)
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> Tensor:

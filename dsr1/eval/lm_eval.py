@@ -1,11 +1,12 @@
 """The `dsr1` model for lm-evaluation-harness 0.4.13 (`--model dsr1`, registered when dsr1.eval is imported).
 
-Scores with logits at every position (loglikelihood, loglikelihood_rolling) and generates with
-dsr1.engine.generation (generate_until). Under torchrun with ep > 1 every rank runs the same requests and
-forwards in lockstep; the LM keeps lm-eval's rank 0 / world size 1, so lm-eval returns results only on
-LOCAL_RANK 0 and never shards documents across ranks.
+Scores (loglikelihood, loglikelihood_rolling) through a chunked prefill into a cache, with logits only at
+the scored positions of one chunk at a time, and generates with dsr1.engine.generation (generate_until).
+Under torchrun with ep > 1 every rank runs the same requests and forwards in lockstep; the LM keeps
+lm-eval's rank 0 / world size 1, so lm-eval returns results only on LOCAL_RANK 0 and never shards
+documents across ranks.
 
-b batch, s positions, n continuation tokens, v vocabulary
+b batch, s positions, c positions per prefill chunk, n scored tokens, m model dim, v vocabulary
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from dsr1.config import GenerationConfig, ParallelConfig
 from dsr1.engine.decode_graphs import make_graphs
-from dsr1.engine.generation import generate
+from dsr1.engine.generation import chunk_starts, generate
 from dsr1.engine.load import default_device_dtype, load_ep_model
 from dsr1.parallel.dist import is_rank0
 from dsr1.tokenizer import ASSISTANT, END_THINK, EOS, apply_chat_template, decode, encode_prompt, load_tokenizer
@@ -46,7 +47,8 @@ class DSR1LM(TemplateLM):
     strings then only count after it), fp8 (keep FP8 weights in memory), attn_impl, and the
     expert-parallel flags ep, expert_placement, all2all, and cuda_graphs (auto|on|off: decode steps from
     CUDA graphs over a cache of max_length x batch_size, where the run allows it) and compile_decode=True
-    (their decoder blocks through torch.compile: the same function, faster). batch_size,
+    (their decoder blocks through torch.compile: the same function, faster), prefill_chunk (positions
+    per forward when scoring or prefilling; default GenerationConfig's). batch_size,
     max_batch_size and device come from lm-eval's own flags.
     """
 
@@ -68,6 +70,7 @@ class DSR1LM(TemplateLM):
         all2all: str = ParallelConfig.all2all,
         cuda_graphs: str = "auto",
         compile_decode: bool = False,
+        prefill_chunk: int = GenerationConfig.prefill_chunk,
         **unknown,
     ):
         super().__init__()
@@ -82,6 +85,9 @@ class DSR1LM(TemplateLM):
         self._device = resolve_device(device)
         self._max_gen_toks = int(max_gen_toks)
         self._batch_size = resolve_batch_size(batch_size, max_batch_size)
+        self.prefill_chunk = int(prefill_chunk)
+        if self.prefill_chunk < 1:
+            raise ValueError(f"--model_args prefill_chunk={prefill_chunk}: expected an integer >= 1 (prompt tokens per prefill forward)")
         self.think_end_token = think_end_token or (END_THINK if strip_thinking else None)
         parallel = ParallelConfig(int(ep), expert_placement, all2all)
         # Under torchrun (ep > 1) every rank runs this, then the same requests in lockstep.
@@ -153,12 +159,8 @@ class DSR1LM(TemplateLM):
                     raise ValueError(f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}; raise --model_args max_length")
             # Keep the last max_length inputs; the final token is only ever a target.
             inputs = [(context + continuation)[-(self.max_length + 1) :][:-1] for _, context, continuation in chunk]
-            logits = self._forward(inputs)  # [b, s, v]
-            for (key, _, continuation), row, ids in zip(chunk, logits, inputs):
-                n = len(continuation)
-                logprobs = torch.log_softmax(row[len(ids) - n : len(ids)], dim=-1)  # [n, v]
-                target = torch.tensor(continuation, device=logprobs.device)  # [n]
-                result = (float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all()))
+            scores = self._score(inputs, [continuation for _, _, continuation in chunk])
+            for (key, _, _), result in zip(chunk, scores):
                 results.append(result)
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, result)
@@ -167,12 +169,31 @@ class DSR1LM(TemplateLM):
         return coll.get_original(results)
 
     @torch.inference_mode()
-    def _forward(self, inputs: list[list[int]]) -> torch.Tensor:
-        """Right-padded batch -> logits [b, s, v]; causal attention keeps each row's real positions exact."""
-        tokens = torch.full((len(inputs), max(map(len, inputs))), self.eot_token_id, dtype=torch.long)  # [b, s]
+    def _score(self, inputs: list[list[int]], targets: list[list[int]]) -> list[tuple[float, bool]]:
+        """Right-padded inputs, prefilled into a cache in chunks of prefill_chunk positions -> per row, the
+        sum of log p(targets) at its last len(targets) positions, and whether each is the argmax. Logits
+        exist only for one row's scored positions within one chunk ([<= chunk, v]), never [b, s, v]."""
+        b, s = len(inputs), max(map(len, inputs))
+        tokens = torch.full((b, s), self.eot_token_id, dtype=torch.long)  # [b, s]
         for i, ids in enumerate(inputs):
             tokens[i, : len(ids)] = torch.tensor(ids)
-        return self.model(tokens.to(self.device))
+        tokens = tokens.to(self.device)
+        cache = self.model.new_cache(b, s)
+        sums, greedy = [0.0] * b, [True] * b
+        first = [len(ids) - len(t) for ids, t in zip(inputs, targets)]  # each row's first scored position
+        for a in chunk_starts(s, self.prefill_chunk, self.group):  # the same on every rank: they run the same requests
+            piece = tokens[:, a : a + self.prefill_chunk]  # [b, c]
+            first_only = torch.zeros(b, dtype=torch.long, device=self.device)  # [b]: the head runs on our slices instead
+            _, h = self.model(piece, a, cache, logits_at=first_only, return_hidden=True)  # h [b, c, m], final-normed
+            for i, (ids, target) in enumerate(zip(inputs, targets)):
+                lo, hi = max(first[i], a), min(len(ids), a + piece.shape[1])
+                if lo >= hi:
+                    continue
+                logprobs = torch.log_softmax(self.model.head(h[i, lo - a : hi - a]).float(), dim=-1)  # [n, v]
+                want = torch.tensor(target[lo - first[i] : hi - first[i]], device=logprobs.device)  # [n]
+                sums[i] += float(logprobs.gather(-1, want[:, None]).sum())
+                greedy[i] = greedy[i] and bool((logprobs.argmax(-1) == want).all())
+        return list(zip(sums, greedy))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, in disjoint windows of max_length tokens (the first after BOS)."""
@@ -208,6 +229,7 @@ class DSR1LM(TemplateLM):
                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0,
                 top_p=float(kwargs.get("top_p", 1.0)),
                 eos_id=self.eot_token_id,
+                prefill_chunk=self.prefill_chunk,
             )
             prompts = [self._fit(encoded[c], max_new) for c in contexts]
             should_stop = StopStrings(self.tokenizer, until, self.think_end_token)

@@ -47,6 +47,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DENSE_MAX_ROWS = 256  # the W8A16 backend sends dense products with more rows to dequant (dsr1/kernels/fp8_gemm.py)
 TARGET_PROGRAMS = 264  # two waves on H100/H200's 132 SMs: below that a dense decode matmul splits K
 MATVEC_PROGRAMS = 1056  # a matrix-vector product's programs each stream less: eight per SM
+CACHE_KEYS_PER_SPLIT = 2048  # keys one split of a decode step's cache product sums (16 K tiles)
+MAX_CACHE_SPLITS = 64  # so its fp32 partial sums stay small: 64 x 128 heads x 512 x 4 B = 16 MiB per batch entry
 MIN_SPLIT_BLOCKS = 4  # K blocks a split streams at least (R1 at batch 1 on H200: 1, 2, 4 within 1%; 4 the best at batch 8)
 
 
@@ -294,14 +296,18 @@ def launch_config(m: int, n: int, k: int, grouped: bool) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": 128 if wide else 64, "num_warps": 4, "num_stages": 3}
 
 
-def cache_config(groups: int) -> dict:
+def cache_config(groups: int, k: int) -> dict:
     """Tiles for MLA's decode products over the latent cache (a group per batch entry, R1's 128 heads as its rows):
     small tiles fill the GPU at few groups, large ones past that. H200, both products at 516 / 2052 keys
     (docs/perf/h200-w8a16-cache-tiles.json): b=1 8.2 / 18.1 us vs the einsums' 12.9 / 19.6; b=8 15.1 / 43.5
-    vs 20.9 / 46.3; b=64 58 / 178 vs 63 / 180."""
+    vs 20.9 / 46.3; b=64 58 / 178 vs 63 / 180. k is the product's K: c + r for the scores, the cached keys for
+    the values, which over a long cache split K, one split per CACHE_KEYS_PER_SPLIT keys (at most
+    MAX_CACHE_SPLITS): unsplit, its 64 programs at b=1 each summed all keys in turn. The split count depends on
+    k alone, so a row's result does not depend on the batch it decodes in; up to 4095 keys nothing changes."""
+    splits = max(1, min(MAX_CACHE_SPLITS, k // CACHE_KEYS_PER_SPLIT))
     if groups < 8:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "SPLIT_K": splits}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": splits}
 
 
 def default_k_splits(m: int, n_tiles: int, grouped: bool, k_tiles: int) -> int:

@@ -81,14 +81,14 @@ class W8A16(Backend):
         if not self._decode_step(q):
             return None
         b, s, h, _ = q.shape
-        return w8a16.grouped_linear(q.view(b, s * h, -1), keys, None, config=w8a16.cache_config(b)).view(b, s, h, -1)
+        return w8a16.grouped_linear(q.view(b, s * h, -1), keys, None, config=w8a16.cache_config(b, keys.shape[-1])).view(b, s, h, -1)
 
     def latent_values(self, probs: Tensor, kv: Tensor) -> Tensor | None:
         """As latent_scores, with kv read transposed ([b, c, t]) as each group's weight."""
         if not self._decode_step(probs):
             return None
         b, s, h, _ = probs.shape
-        return w8a16.grouped_linear(probs.view(b, s * h, -1), kv.transpose(1, 2), None, config=w8a16.cache_config(b)).view(b, s, h, -1)
+        return w8a16.grouped_linear(probs.view(b, s * h, -1), kv.transpose(1, 2), None, config=w8a16.cache_config(b, kv.shape[1])).view(b, s, h, -1)
 
     def expert_kernel(self, x: Tensor | FP8Rows, fp8: bool) -> experts.Grouped | experts.Masked | None:
         """FP8 experts too take the masked kernel where it runs."""

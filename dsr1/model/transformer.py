@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dsr1.config import ModelConfig
-from dsr1.model.attention import MLA
+from dsr1.model.attention import MLA, Causal
 from dsr1.model.mlp import MLP
 from dsr1.model.moe import MoE
 from dsr1.model.norm import RMSNorm
@@ -31,8 +31,8 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(cfg.dim, cfg.inter_dim, fp8)  # HF: mlp
 
-    def forward(self, x: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, freqs_cis, keep, cache)
+    def forward(self, x: Tensor, positions: Tensor, freqs_cis: Tensor, mask: Causal, cache=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, freqs_cis, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -62,11 +62,11 @@ class MTPBlock(Block):
         self.eh_proj.weight.requires_grad_(False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h: Tensor, next_tokens: Tensor, positions: Tensor, freqs_cis: Tensor, keep: Tensor, cache=None):
+    def forward(self, h: Tensor, next_tokens: Tensor, positions: Tensor, freqs_cis: Tensor, mask: Causal, cache=None):
         """h: [b, s, m] main-model hidden states (after its final norm, as vLLM and HF feed them),
         next_tokens: [b, s] -> (logits [b, s, v] fp32, h')."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
-        x = super().forward(x, positions, freqs_cis, keep, cache)
+        x = super().forward(x, positions, freqs_cis, mask, cache)
         return self.shared_head.head(self.shared_head.norm(x)).float(), x
 
 
@@ -114,16 +114,17 @@ class Transformer(nn.Module):
 
         Without a cache the tokens attend to each other causally. With one, row i's keys are written at
         its own positions and it attends to cache rows [0, start_pos[i] + j]: rows of different lengths
-        decode together. Returns logits [b, s, v] fp32, or [b, v] for one position per row if
+        decode together. An int start_pos is every row's (prefill chunks): queries [a, a + s) against keys
+        [0, a + s), causal from the lower right, which flash attention takes on a GPU. Returns logits [b, s, v] fp32, or [b, v] for one position per row if
         `logits_at` [b] gives its index in [0, s) (generation never pays for the others); with
         `return_hidden`, also the final-normed hidden states ([b, s, m], the MTP block's input).
         """
         positions = self.positions(tokens, start_pos)  # [b, s]
-        keep = self.attention_mask(positions, cache, self.n_keys(positions))  # [b, s, t]; n_keys: a host sync
+        mask = self.causal(positions, start_pos, cache)  # n_keys: a host sync
         freqs_cis = self.freqs_cis[positions]  # [b, s, r/2]
         h = self.embed(tokens)  # [b, s, m]
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, freqs_cis, keep, None if cache is None else cache[i])
+            h = layer(h, positions, freqs_cis, mask, None if cache is None else cache[i])
         if not return_hidden:
             return self.logits(h, logits_at)
         h = self.norm(h)  # all positions normed: the MTP block's input
@@ -138,9 +139,8 @@ class Transformer(nn.Module):
         if not self.mtp:
             raise ValueError("the MTP layer was not loaded; build the model with load_mtp=True")
         positions = self.positions(next_tokens, start_pos)
-        keep = self.attention_mask(positions, cache, self.n_keys(positions))
         layer_cache = None if cache is None else cache[len(self.layers)]
-        return self.mtp[0](h, next_tokens, positions, self.freqs_cis[positions], keep, layer_cache)[0]
+        return self.mtp[0](h, next_tokens, positions, self.freqs_cis[positions], self.causal(positions, start_pos, cache), layer_cache)[0]
 
     @staticmethod
     def positions(tokens: Tensor, start_pos: Tensor | int) -> Tensor:
@@ -157,16 +157,13 @@ class Transformer(nn.Module):
             raise ValueError(f"position {t - 1} is beyond max_seq_len={self.max_seq_len}")
         return t
 
-    @staticmethod
-    def attention_mask(positions: Tensor, cache: list | None, n_keys: int | None = None) -> Tensor:
-        """[b, s, t] bool: the query at position p sees keys at positions <= p: without a cache the new tokens
-        themselves, with one cache rows [0, n_keys) (by default up to the largest position, a host sync)."""
+    def causal(self, positions: Tensor, start_pos: Tensor | int, cache: list | None) -> Causal:
+        """Which keys the queries at `positions` [b, s] see: without a cache the new tokens themselves, with one
+        cache rows [0, t), t up to the largest position (n_keys, a host sync). A start_pos given as an int is
+        every row's: each row's queries are then the last s of the t keys (Causal.aligned)."""
         if cache is None:
-            key_positions = positions  # [b, t=s]: the new tokens are the keys
-        else:
-            t = _max_position(positions) + 1 if n_keys is None else n_keys
-            key_positions = torch.arange(t, device=positions.device).expand(positions.shape[0], -1)  # [b, t]
-        return key_positions.unsqueeze(1) <= positions.unsqueeze(2)
+            return Causal.own(positions)
+        return Causal.cached(positions, self.n_keys(positions), aligned=isinstance(start_pos, int))
 
 
 def _max_position(positions: Tensor) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def device_name(device: torch.device | str) -> str:
 
 def meta(device: torch.device | str) -> dict:
     """The command line, card, date and versions a result was measured with."""
-    return {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "device": device_name(device),
+    return {"command": shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "device": device_name(device),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version()}
 
 

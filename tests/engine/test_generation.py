@@ -108,7 +108,7 @@ def _group_worker(rank: int, ckpt: str, init_file: str, out_dir: str) -> None:
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     prompts = PROMPTS[:2] if rank == 0 else []  # rank 1 is idle but must step with rank 0
-    out = generate(model, prompts, GenerationConfig(4, eos_id=NO_EOS), group=dist.group.WORLD)
+    out = generate(model, prompts, GenerationConfig(4, eos_id=NO_EOS, prefill_chunk=3), group=dist.group.WORLD)
     Path(out_dir, f"{rank}.json").write_text(json.dumps({"out": out, "calls": len(calls)}))
     dist.destroy_process_group()
 
@@ -117,7 +117,7 @@ def test_group_keeps_ranks_in_lockstep(ckpt, model, tmp_path):
     mp.spawn(_group_worker, args=(str(ckpt), str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r0["out"] == generate(model, PROMPTS[:2], GenerationConfig(4, eos_id=NO_EOS))
-    assert r1["out"] == [] and r0["calls"] == r1["calls"] == 4  # prefill + 3 decode steps
+    assert r1["out"] == [] and r0["calls"] == r1["calls"] == 6  # 3 prefill chunks (7 tokens by 3) + 3 decode steps
 
 
 def run_cli(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

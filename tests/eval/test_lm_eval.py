@@ -65,6 +65,8 @@ def test_registered_and_built_like_the_cli(ckpt):
         cls.create_from_arg_string(f"ckpt_path={ckpt},max_len=64", {"device": "cpu"})
     with pytest.raises(ValueError, match="ckpt_path=DIR is required"):
         cls.create_from_arg_string("", {"device": "cpu"})
+    with pytest.raises(ValueError, match=r"prefill_chunk=0: expected an integer >= 1"):
+        cls.create_from_arg_string(f"ckpt_path={ckpt},prefill_chunk=0", {"device": "cpu"})
 
 
 def test_device_and_batch_size_flags(caplog):
@@ -127,6 +129,19 @@ def test_loglikelihood_rolling_longer_than_max_length(lm, monkeypatch):
     monkeypatch.setattr(lm, "_max_length", 256)
     (whole,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
     assert whole == pytest.approx(direct_logprob(lm, ids, 1), abs=1e-3)
+
+
+def test_scores_do_not_depend_on_the_prefill_chunk(lm, monkeypatch):
+    # Contexts longer than the chunk, continuations that span chunks, one row's targets in several chunks.
+    pairs = [(CONTEXTS[0], " 7"), ("", "Hello world"), (CONTEXTS[1], " Paris, a city on the Seine."), (CONTEXTS[2], " 4, 5, 6, 7")]
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    whole = lm.loglikelihood(requests("loglikelihood", pairs)), lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    for chunk in (1, 3):
+        monkeypatch.setattr(lm, "prefill_chunk", chunk)
+        chunked = lm.loglikelihood(requests("loglikelihood", pairs)), lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+        assert [g for _, g in chunked[0]] == [g for _, g in whole[0]]
+        assert [s for s, _ in chunked[0]] == pytest.approx([s for s, _ in whole[0]], rel=1e-5)
+        assert chunked[1] == pytest.approx(whole[1], rel=1e-5)
 
 
 @pytest.mark.slow  # a fresh interpreter for scripts/generate.py

@@ -294,7 +294,7 @@ def test_mla_per_head_products_read_the_fp8_wkv_b(rows):
     assert W8A16().w_uk(q_nope, w, s, 32) is None  # 32-wide heads: not whole scale blocks
 
 
-@pytest.mark.parametrize("b,t", [(1, 37), (3, 130), (8, 20)])
+@pytest.mark.parametrize("b,t", [(1, 37), (3, 130), (8, 20), (2, 4100)])  # 4100 keys: the values product splits K
 def test_mla_decode_cache_products_in_the_kernel(b, t):
     """A decode step's two products over the latent cache (scores, then probabilities times kv) through the kernel,
     each batch entry's cache a group's bf16 weight (kv read transposed), against the einsums; keys past a row's
@@ -310,9 +310,9 @@ def test_mla_decode_cache_products_in_the_kernel(b, t):
     cache = torch.randn(b, t + 5, c + r, generator=gen).to(DEVICE, torch.bfloat16)  # rows past t: another step's keys
     keep = (torch.arange(t) < torch.randint(1, t + 1, (b, 1, 1), generator=gen)).to(DEVICE)  # [b, 1, t]
     keys, kv = cache[:, :t], cache[:, :t, :c]
-    want = torch.einsum("bsht,btc->bshc", attn._softmax(torch.einsum("bshc,btc->bsht", q, keys), keep), kv)
+    want = torch.einsum("bsht,btc->bshc", attn._softmax(torch.einsum("bshc,btc->bsht", q, keys), ~keep), kv)
     backend = W8A16()
-    got = backend.latent_values(attn._softmax(backend.latent_scores(q, keys), keep), kv)
+    got = backend.latent_values(attn._softmax(backend.latent_scores(q, keys), ~keep), kv)
     assert got.shape == want.shape == (b, 1, cfg.n_heads, c)
     assert rel_err(got, want) < TOL
 
@@ -322,8 +322,8 @@ def test_mla_on_an_empty_batch():
     per-head products on R1's 128-wide heads, the cache products) take no rows and return an empty batch."""
     from dsr1.model.attention import MLA
     from dsr1.model.norm import RMSNorm
+    from dsr1.model.attention import Causal
     from dsr1.model.rope import precompute_freqs_cis
-    from dsr1.model.transformer import Transformer
 
     cfg = r1_heads_config()
     attn = MLA(cfg, fp8=True).to(DEVICE)
@@ -335,8 +335,8 @@ def test_mla_on_an_empty_batch():
     cache = attn.new_cache(2, 8, torch.bfloat16, DEVICE)
     for s, cached in ((3, None), (1, cache)):  # a prefill without a cache, then a decode step with one
         positions = torch.zeros(0, s, dtype=torch.long, device=DEVICE)
-        keep = Transformer.attention_mask(positions, None if cached is None else [], None if cached is None else 4)
+        mask = Causal.own(positions) if cached is None else Causal.cached(positions, 4)
         x = torch.zeros(0, s, cfg.dim, device=DEVICE, dtype=torch.bfloat16)
         with torch.inference_mode():
-            out = attn(x, positions, precompute_freqs_cis(cfg, 8).to(DEVICE)[positions], keep, cached)
+            out = attn(x, positions, precompute_freqs_cis(cfg, 8).to(DEVICE)[positions], mask, cached)
         assert out.shape == (0, s, cfg.dim)

@@ -105,3 +105,22 @@ def test_comparison_detects_rope_mistakes(make_checkpoint, tmp_path, perturb):
         err = rel_err(load_dsr1(ckpt)(x), hf(x).logits)
     print(f"\n[negative control] {perturb.__name__}: {err:.2e}")
     assert err > 1e-3
+
+
+LONG = 4096
+
+
+@pytest.mark.slow  # ~15 s on two cores, most of it HF's eager [1, h, s, s] attention
+def test_long_prompt_matches_hf(make_checkpoint, tmp_path):
+    """A 4096-token prompt on 2 layers of the tiny config, the queries in blocks of 512 (the score budget shrunk),
+    against HF in one pass: the blockwise einsums compute the function HF's full [s, s] attention computes."""
+    ckpt = make_checkpoint({"vocab_size": PARITY_VOCAB, "num_hidden_layers": 2, "max_position_embeddings": LONG})
+    hf = load_hf(ckpt, tmp_path)
+    x = torch.randint(0, PARITY_VOCAB, (1, LONG), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(x).logits
+        for impl in ("absorb", "naive"):
+            ours = load_dsr1(ckpt, attn_impl=impl)
+            for layer in ours.layers:
+                layer.attn.score_bytes = 4 * layer.attn.n_heads * LONG * 512  # [1, q, h, t] fp32: 8 blocks of 512 queries
+            assert_rel(ours(x), ref, TOL, f"HF parity, {LONG} tokens, {impl}")

@@ -52,5 +52,6 @@ def test_generate_cli_under_torchrun(reference):
         args += ["--prompt", p]
     single = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), *args],
                             capture_output=True, text=True, check=True, env=ENV, timeout=600).stdout
-    ep = torchrun(2, "generate.py", *args, "--ep", "2", "--expert-placement", "round_robin")
+    # Chunks of 2 prompt tokens: the ranks' prompts need different numbers of prefill forwards, which must still pair up.
+    ep = torchrun(2, "generate.py", *args, "--ep", "2", "--expert-placement", "round_robin", "--prefill-chunk", "2")
     assert [json.loads(line) for line in ep.splitlines()] == [json.loads(line) for line in single.splitlines()]
