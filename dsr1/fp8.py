@@ -4,7 +4,8 @@ Weights: `weight` [out, in] float8_e4m3fn plus `weight_scale_inv` [ceil(out/B), 
 the last block of each dim may be ragged. The stored scale is *multiplied* into the FP8 values:
 w = fp8.float() * scale_inv[i // B, j // B].
 
-Activations (FP8Rows): e4m3 values with one fp32 scale per row and 128 channels (x ~= data * scale), as
+Activations: quantize_activation makes 1x128-group e4m3 rows with fp32 scales (DeepSeek-V3's recipe, what
+the FP8xFP8 GEMMs take). FP8Rows: e4m3 values with one fp32 scale per row and 128 channels (x ~= data * scale), as
 DeepEP's low-latency FP8 dispatch delivers them. Expert kernels that read them directly
 (dsr1/kernels/w8a16.py) save the dequantized copy; every other path calls dequantize().
 
@@ -22,6 +23,7 @@ from torch import Tensor
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 BLOCK = 128
+AMAX_MIN = 1e-4  # floor of a group's amax, so an all-zero group gets a finite scale (DeepGEMM's per_token_cast_to_fp8)
 
 
 def scale_shape(out_dim: int, in_dim: int, block: int = BLOCK) -> tuple[int, int]:
@@ -47,6 +49,18 @@ def quantize(weight: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     scale_inv = amax / FP8_MAX
     q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(so * block, si * block)[:out_dim, :in_dim].contiguous(), scale_inv.float()
+
+
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] (K a multiple of 128) -> (e4m3 [M, K], fp32 scales [M, K/128]); x ~= q * scale in each 1x128 group.
+
+    The scales come out column-major (strides (1, M)), the layout cuBLASLt and DeepGEMM read."""
+    m, k = x.shape
+    groups = x.reshape(m, k // BLOCK, BLOCK)  # [M, Kb, 128]
+    amax = groups.transpose(0, 1).abs().amax(dim=-1).float()  # [Kb, M]; exact in x's dtype
+    scale = (amax.clamp_(min=AMAX_MIN) / FP8_MAX).t()  # [M, Kb]
+    q = (groups / scale.unsqueeze(-1)).to(FP8_DTYPE)  # in fp32; |q| <= 448 by construction
+    return q.view(m, k), scale
 
 
 class FP8Rows(NamedTuple):

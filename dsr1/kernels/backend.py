@@ -60,6 +60,12 @@ class Backend:
         return experts.GROUPED if experts.GROUPED.takes(x) else None
 
 
+    def packed_experts(self, x: Tensor, fp8: bool) -> experts.Contiguous | None:
+        """A kernel for every token's routed experts on packed rows, one segment per expert (one process holding
+        every expert, a prefill: the MoE layer then skips the dispatch), or None. x [n, m]: the layer's tokens."""
+        return None
+
+
 class Dequant(Backend):
     """Dequantize the weight per matmul (the official `gemm_impl="bf16"` path); no other kernels."""
 

@@ -1,15 +1,22 @@
-"""Two kernels for the routed experts on the masked layout, each computing GroupedExperts' reference loop
-(dsr1/model/mlp.py): per expert j, w2(silu(w1 x) * w3 x) on its valid rows x[j, :counts[j]].
+"""Kernels for the routed experts, each computing GroupedExperts' reference loop (dsr1/model/mlp.py): per
+expert j, w2(silu(w1 x) * w3 x) on its valid rows x[j, :counts[j]] of the masked layout, or on its segment of
+packed rows (a prefill on one process, which skips the dispatch: dsr1/model/moe.py).
 
 - Grouped: the valid rows of all experts packed, then one torch._grouped_mm per weight (run-dtype weights).
 - Masked: the W8A16 Triton kernel (dsr1/kernels/w8a16.py) straight on the masked layout: only routed experts'
   weights are read, FP8 ones as FP8, and the counts never leave the device (no host sync, so a decode step
   can be captured in a CUDA graph). It also reads one token's experts by id (`listed`), with no dispatch.
 
-Which one runs (or the loop) is the model's backend's choice: Backend.expert_kernel.
+- Contiguous: FP8 weights through DeepGEMM's grouped GEMM on contiguous rows (m_grouped_fp8_gemm_nt_contiguous):
+  each expert's packed rows copied into a segment aligned to DeepGEMM's block (128 rows), activations
+  quantized per token in 1x128 groups as the dense FP8 GEMMs quantize them. Every expert's weights are read
+  once per call however many tokens it carries, so a prefill of thousands of tokens reads them once.
+
+Which one runs (or the loop) is the model's backend's choice: Backend.expert_kernel, Backend.packed_experts.
 Weights come as (weight [e, out, in], scale [e, out/128, in/128] or None) pairs.
 
-e local experts, M rows per expert, m model dim, i expert inner dim, p valid rows of all experts, k listed experts
+e local experts, M rows per expert, m model dim, i expert inner dim, p valid rows of all experts, k listed experts,
+P aligned rows (the segments padded to DeepGEMM's alignment)
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsr1.fp8 import FP8Rows
+from dsr1.fp8 import FP8Rows, quantize_activation
 from dsr1.kernels import w8a16
 
 Weight = tuple[Tensor, Tensor | None]  # (weight [e, out, in], its block scales or None)
@@ -79,6 +86,37 @@ class Masked:
         both = w8a16.grouped_linear(x, *w1, counts, experts=experts, second=w3, listed=listed)  # [., ., 2i]
         gate, up = both.split([w1[0].shape[1], w3[0].shape[1]], dim=-1)
         return w8a16.grouped_linear(F.silu(gate) * up, *w2, counts, experts=experts, listed=listed)
+
+
+class Contiguous:
+    """DeepGEMM's m_grouped_fp8_gemm_nt_contiguous on packed rows; `deep_gemm` is the imported module."""
+
+    name = "deepgemm_contiguous"
+
+    def __init__(self, deep_gemm):
+        self.deep_gemm = deep_gemm
+        alignment = getattr(deep_gemm, "get_mk_alignment_for_contiguous_layout", None) or deep_gemm.get_m_alignment_for_contiguous_layout
+        self.align = alignment()
+
+    def __call__(self, rows: Tensor, counts: Tensor, w1: Weight, w2: Weight, w3: Weight) -> Tensor:
+        """rows [p, m] bf16, expert j's rows after expert j-1's (counts [e]) -> [p, m] bf16, FP8 weights."""
+        padded = (counts + self.align - 1) // self.align * self.align  # [e]
+        starts = torch.cumsum(padded, 0) - padded  # [e]: where each expert's segment begins
+        slot = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts, output_size=rows.shape[0])  # [p]
+        dest = starts[slot] + torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(counts, 0) - counts)[slot]  # [p]
+        total = int(padded.sum())  # a host sync: the grouped GEMM's row count
+        m_indices = torch.full((total,), -1, dtype=torch.int32, device=rows.device)  # [P]: padding rows are skipped
+        m_indices[dest] = slot.int()
+        x = rows.new_zeros(total, rows.shape[-1])  # [P, m]
+        x[dest] = rows
+        h = F.silu(self._mm(x, w1, m_indices)) * self._mm(x, w3, m_indices)  # [P, i]
+        return self._mm(h, w2, m_indices)[dest]
+
+    def _mm(self, x: Tensor, w: Weight, m_indices: Tensor) -> Tensor:
+        """x [P, in] bf16 times each row's expert weight [e, out, in] FP8 (its 128x128 scales) -> [P, out] bf16."""
+        out = x.new_empty(x.shape[0], w[0].shape[1])
+        self.deep_gemm.m_grouped_fp8_gemm_nt_contiguous(quantize_activation(x), w, out, m_indices)
+        return out
 
 
 GROUPED, MASKED = Grouped(), Masked()

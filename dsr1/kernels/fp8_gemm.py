@@ -9,16 +9,18 @@ Four backends compute the same product:
 - `scaled_mm`: quantize the activations per token in 1x128 groups (scale = amax / 448, the DeepSeek-V3
   recipe), then call PyTorch's block-scaled FP8 matmul (cuBLASLt; SM90 with CUDA >= 12.9 only). The
   weight is read once, as FP8.
-- `deepgemm`: the same quantization, then DeepGEMM's `fp8_gemm_nt`, used when `deep_gemm` imports.
+- `deepgemm`: the same quantization, then DeepGEMM's `fp8_gemm_nt`, where `deep_gemm` imports (built from its
+  source: docs/PERFORMANCE.md); its grouped GEMM runs a prefill's routed experts (experts.Contiguous).
 - `w8a16` (dsr1/kernels/w8a16_backend.py): weight-only FP8 (dsr1/kernels/w8a16.py, Triton): the FP8 weight
   is read once and multiplied with the bf16 activations as they are, so the result stays within bf16 rounding
   of `dequant` (the activation quantization of the two FP8xFP8 backends costs ~2.5% per matmul). It also runs MLA's per-head and
   latent-cache products and the routed experts on the DeepEP low-latency layout, with no host sync. Its dense
-  products past 256 rows (prefill, compute-bound) go to `scaled_mm` where that runs, else to `dequant`.
+  products past 256 rows (prefill, compute-bound) go to `deepgemm` or `scaled_mm` where one runs, else to
+  `dequant`, and so do a prefill's routed experts (`packed_experts`).
 
 All four are one interface (backend.Backend): a layer holds one as `gemm` and asks it for each fast path.
 
-`select_fp8_backend("auto")` picks the first of deepgemm, w8a16, scaled_mm and dequant that imports and
+`select_fp8_backend("auto")` picks the first of w8a16, deepgemm, scaled_mm and dequant that imports and
 passes a one-matmul self-check on the device. `use_fp8_gemm(model, backend)` gives that backend to every layer.
 Shapes the fast backends cannot take (K not a multiple of 128, N not a multiple of 16) go through dequant;
 rows are padded to a multiple of `m_align` (4 for scaled_mm). docs/PERFORMANCE.md has the measurements.
@@ -32,27 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsr1.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, quantize
-from dsr1.kernels import w8a16
+from dsr1.fp8 import BLOCK, quantize, quantize_activation
+from dsr1.kernels import experts, w8a16
 from dsr1.kernels.backend import DEQUANT, Backend
 from dsr1.kernels.w8a16_backend import W8A16
 
-BACKENDS = ("auto", "deepgemm", "w8a16", "scaled_mm", "dequant")
-AMAX_MIN = 1e-4  # floor of a group's amax, so an all-zero group gets a finite scale (DeepGEMM's per_token_cast_to_fp8)
+BACKENDS = ("auto", "w8a16", "deepgemm", "scaled_mm", "dequant")
+PACKED_MIN_TOKENS = 512  # a MoE layer of this many tokens on one process runs its experts on packed rows (DeepGEMM)
 SELF_CHECK_TOL = 5e-2  # e4m3 activations alone cost ~2.5% RMS per matmul; a wrong scale layout costs far more
 W8A16_TOL = 1e-2  # the same bf16 weights as dequant: only summation order and output rounding differ
-
-
-def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] (K a multiple of 128) -> (e4m3 [M, K], fp32 scales [M, K/128]); x ~= q * scale in each 1x128 group.
-
-    The scales come out column-major (strides (1, M)), the layout cuBLASLt and DeepGEMM read."""
-    m, k = x.shape
-    groups = x.reshape(m, k // BLOCK, BLOCK)  # [M, Kb, 128]
-    amax = groups.transpose(0, 1).abs().amax(dim=-1).float()  # [Kb, M]; exact in x's dtype
-    scale = (amax.clamp_(min=AMAX_MIN) / FP8_MAX).t()  # [M, Kb]
-    q = (groups / scale.unsqueeze(-1)).to(FP8_DTYPE)  # in fp32; |q| <= 448 by construction
-    return q.view(m, k), scale
 
 
 class _QuantizedActivations(Backend):
@@ -103,21 +93,29 @@ class ScaledMM(_QuantizedActivations):
 
 
 class DeepGemm(_QuantizedActivations):
-    """DeepGEMM's dense FP8 GEMM (`fp8_gemm_nt`, the v2 API): bf16 output, fp32 scales on SM90."""
+    """DeepGEMM's dense FP8 GEMM (`fp8_gemm_nt`, the v2 API): bf16 output, fp32 scales on SM90; and its grouped
+    GEMM on contiguous rows for a prefill's routed experts (experts.Contiguous)."""
 
     name = "deepgemm"
     dtypes = (torch.bfloat16,)
 
-    def __init__(self, m_align: int = 1):
+    def __init__(self, m_align: int = 4):  # scales stay MN-major and TMA-aligned (a multiple of 4 rows): no transpose copy
         super().__init__(m_align)
         import deep_gemm  # raises ImportError where it is not installed
 
         self.deep_gemm = deep_gemm
+        self.contiguous = experts.Contiguous(deep_gemm)
 
     def matmul(self, q: Tensor, q_scale: Tensor, weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
         out = torch.empty(q.shape[0], weight.shape[0], dtype=dtype, device=q.device)
         self.deep_gemm.fp8_gemm_nt((q, q_scale), (weight, scale), out)
         return out
+
+    def packed_experts(self, x: Tensor, fp8: bool) -> experts.Contiguous | None:
+        """FP8 experts of PACKED_MIN_TOKENS or more bf16 tokens (below, the masked W8A16 kernel reads only the routed
+        experts' weights, and the 128-row segments would be mostly padding)."""
+        takes = fp8 and x.dtype == torch.bfloat16 and x.is_cuda and x.shape[0] >= PACKED_MIN_TOKENS
+        return self.contiguous if takes else None
 
 
 def probe_fp8_backends(device: torch.device | str) -> dict[str, str]:
@@ -126,8 +124,8 @@ def probe_fp8_backends(device: torch.device | str) -> dict[str, str]:
 
 
 def select_fp8_backend(name: str = "auto", device: torch.device | str | None = None):
-    """The backend called `name` for `device` (default CPU), or with 'auto' the first that works of deepgemm,
-    w8a16, scaled_mm, dequant. Naming a backend that cannot run on the device is an error."""
+    """The backend called `name` for `device` (default CPU), or with 'auto' the first that works of w8a16,
+    deepgemm, scaled_mm, dequant. Naming a backend that cannot run on the device is an error."""
     if name not in BACKENDS:
         raise ValueError(f"--fp8-gemm {name!r} is not one of {BACKENDS}")
     device = torch.device(device or "cpu")
@@ -159,9 +157,10 @@ def _probe(name: str, device: torch.device):
         err = _self_check(backend, device, n=320)
         if not err <= W8A16_TOL:
             return None, f"self-check relative error {err:.2e} > {W8A16_TOL}"
-        prefill, _ = _probe("scaled_mm", device)  # products past DENSE_MAX_ROWS rows on FP8 tensor cores where it runs
+        # products past DENSE_MAX_ROWS rows (a prefill) on FP8 tensor cores: DeepGEMM, else cuBLASLt, where they run
+        prefill = next((b for b in (_probe(n, device)[0] for n in ("deepgemm", "scaled_mm")) if b is not None), None)
         backend.prefill = prefill or DEQUANT
-        return backend, "ok" if prefill else "ok (prefill products through dequant: no block-scaled FP8 GEMM here)"
+        return backend, f"ok (prefill products through {backend.prefill.name})"
     if device.type != "cuda":
         return None, f"needs a CUDA device, got {device}"
     if torch.cuda.get_device_capability(device) != (9, 0):
@@ -169,6 +168,8 @@ def _probe(name: str, device: torch.device):
     try:
         backend = ScaledMM() if name == "scaled_mm" else DeepGemm()
         err = _self_check(backend, device, n=384)
+        if name == "deepgemm":
+            err = max(err, _self_check_experts(backend.contiguous, device))
     except Exception as e:  # an import, a missing kernel or a failed launch: the backend is unusable here
         return None, f"{type(e).__name__}: {e}"
     if not err <= SELF_CHECK_TOL:
@@ -179,6 +180,23 @@ def _probe(name: str, device: torch.device):
         ragged_ok = False
     backend.ragged_n = ragged_ok
     return backend, "ok" if ragged_ok else "ok (N not a multiple of 128 goes through dequant)"
+
+
+def _self_check_experts(kernel: experts.Contiguous, device: torch.device) -> float:
+    """||kernel - loop|| / ||loop|| on three experts' packed rows (5, none, 130: a segment past one block)."""
+    gen = torch.Generator(device).manual_seed(0)
+    counts = torch.tensor([5, 0, 130], device=device)
+    rows = torch.randn(int(counts.sum()), 256, generator=gen, device=device).to(torch.bfloat16)
+    w = [[quantize(torch.randn(o, i, generator=gen, device=device) / 16) for _ in range(3)] for o, i in ((128, 256), (256, 128), (128, 256))]
+    weights = [(torch.stack([q for q, _ in ws]), torch.stack([s for _, s in ws])) for ws in w]  # w1, w2, w3: [3, out, in]
+    got = kernel(rows, counts, *weights).float()
+    ref, start = torch.zeros_like(got), 0
+    for j, n in enumerate(counts.tolist()):
+        x = rows[start : start + n].float()
+        h = F.silu(DEQUANT.linear(x, weights[0][0][j], weights[0][1][j])) * DEQUANT.linear(x, weights[2][0][j], weights[2][1][j])
+        ref[start : start + n] = DEQUANT.linear(h, weights[1][0][j], weights[1][1][j])
+        start += n
+    return ((got - ref).norm() / ref.norm()).item()
 
 
 def _self_check(backend, device: torch.device, n: int) -> float:

@@ -21,8 +21,9 @@ class W8A16(Backend):
     """Past w8a16.DENSE_MAX_ROWS rows (a prefill) a product is compute-bound, and the kernel, which multiplies in
     bf16, is slower than tensor-core GEMMs (scripts/bench/fp8_gemm.py on H200: 2.6 ms for o_proj at 2048 rows
     against 1.7 for cuBLAS on the dequantized weight; 0.11 vs 1.2 ms the other way at 1 row). Those products go
-    to `prefill`: block-scaled FP8 x FP8 (ScaledMM, 1x128 activation scales as DeepSeek-V3's own inference code
-    quantizes them) where the device has it, chosen when the backend is selected (fp8_gemm._probe), else dequant."""
+    to `prefill`: block-scaled FP8 x FP8 (DeepGEMM, else ScaledMM; 1x128 activation scales as DeepSeek-V3's own
+    inference code quantizes them) where the device has it, chosen when the backend is selected (fp8_gemm._probe),
+    else dequant. A prefill's routed experts go to the same backend's grouped GEMM (`packed_experts`)."""
 
     name = "w8a16"
     keeps_dense = True  # MLA's wkv_b, used outside a matmul where no kernel takes it, is dequantized once and kept
@@ -95,6 +96,10 @@ class W8A16(Backend):
         if fp8 and experts.MASKED.takes(x):
             return experts.MASKED
         return super().expert_kernel(x, fp8)
+
+    def packed_experts(self, x: Tensor, fp8: bool) -> experts.Contiguous | None:
+        """A prefill's experts on packed rows: the `prefill` backend's grouped FP8 GEMM, where it has one."""
+        return self.prefill.packed_experts(x, fp8)
 
     def _dense_kernel(self, x: Tensor) -> bool:
         return w8a16.available(x.device, x.dtype) and x.numel() <= w8a16.DENSE_MAX_ROWS * x.shape[-1]

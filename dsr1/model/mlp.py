@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from dsr1.fp8 import FP8_DTYPE, FP8Rows, scale_shape
 from dsr1.kernels.backend import DEQUANT
-from dsr1.kernels.experts import Grouped, Masked
+from dsr1.kernels.experts import Contiguous, Grouped, Masked
 from dsr1.model.linear import Linear, linear_pair
 
 
@@ -81,6 +81,10 @@ class GroupedExperts(nn.Module):
     def kernel(self, x: Tensor | FP8Rows) -> Grouped | Masked | None:
         """The kernel `gemm` runs these experts with on x (dsr1/kernels/experts.py), or None: the loop."""
         return self.gemm.expert_kernel(x, fp8=self.w1_scale is not None)
+
+    def packed_kernel(self, x: Tensor) -> Contiguous | None:
+        """The kernel `gemm` runs these experts with on packed rows of the tokens x [n, m], or None (then dispatch)."""
+        return self.gemm.packed_experts(x, fp8=self.w1_scale is not None)
 
     def weights(self) -> list[tuple[Tensor, Tensor | None]]:
         """(weight [e, out, in], scale or None) of w1, w2, w3: what the kernels take."""

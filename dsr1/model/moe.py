@@ -3,7 +3,9 @@
 The dispatcher is the only place expert parallelism enters: the router produces global expert ids,
 the dispatcher moves tokens to whichever rank and slot holds them, and brings the results back. One token
 on a process holding every expert (a batch-1 decode step on one GPU) needs no move: the expert kernels
-read its k experts by id, and the outputs are summed as the combine sums them.
+read its k experts by id, and the outputs are summed as the combine sums them. Many tokens there (a prefill)
+need none either, where the backend has a kernel for packed rows: the pairs are sorted by expert and each
+expert's weights read once (Backend.packed_experts).
 
 b batch, s positions, n tokens (b*s), m model dim, k experts per token
 """
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from dsr1.config import ModelConfig
 from dsr1.model.gate import Gate
 from dsr1.model.mlp import MLP, GroupedExperts
-from dsr1.model.dispatch import Dispatcher, sum_choices
+from dsr1.model.dispatch import Dispatcher, group_by_expert, sum_choices, weighted_sum
 
 
 class MoE(nn.Module):
@@ -33,7 +35,14 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [n, m]
         weights, expert_ids = self.gate(x)  # [n, k] fp32, [n, k] global ids
         kernel = self.experts.kernel(x)  # the experts' fast path on x, None for their reference loop
-        if self.slot_is_id and x.shape[0] == 1 and kernel is not None and kernel.takes_listed:
+        packed = self.experts.packed_kernel(x) if self.slot_is_id else None
+        if packed is not None:
+            # every expert here and many tokens (a prefill on one process): the routed pairs sorted by expert,
+            # each expert's weights read once for all its rows; no dispatch buffer of [e, M, m]
+            order, _, counts = group_by_expert(expert_ids, self.experts.n_local)  # order [n*k], counts [e]
+            y = packed(x[order // self.gate.top_k], counts, *self.experts.weights())  # [n*k, m], sorted by expert
+            y = weighted_sum(y, order, weights, x.dtype)  # [n, m]: the combine's sums
+        elif self.slot_is_id and x.shape[0] == 1 and kernel is not None and kernel.takes_listed:
             # one token, every expert here (a batch-1 decode step): the kernel reads its k experts by id, no dispatch
             y = kernel.listed(x, expert_ids, *self.experts.weights())  # [k, m]
             y = sum_choices(y.unsqueeze(0), weights, x.dtype)  # [1, m]: the same sums as combine's

@@ -18,7 +18,8 @@ from bench_report import meta, table, write_json
 from bench_timing import Timer, copy_bandwidth
 from dsr1.fp8 import BLOCK, FP8_DTYPE
 from dsr1.kernels import w8a16
-from dsr1.kernels.fp8_gemm import DEQUANT, ScaledMM, probe_fp8_backends, quantize_activation
+from dsr1.fp8 import quantize_activation
+from dsr1.kernels.fp8_gemm import DEQUANT, ScaledMM, probe_fp8_backends
 
 SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o": (7168, 16384),
           "dense_up": (18432, 7168), "dense_down": (7168, 18432), "expert_up": (2048, 7168), "expert_down": (7168, 2048)}

@@ -18,7 +18,8 @@ from dsr1.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, dequantize, quantize
 from dsr1.checkpoint.loader import build_model
 from dsr1.config import ModelConfig
 from dsr1.kernels import fp8_gemm
-from dsr1.kernels.fp8_gemm import DEQUANT, ScaledMM, quantize_activation, select_fp8_backend, use_fp8_gemm
+from dsr1.fp8 import quantize_activation
+from dsr1.kernels.fp8_gemm import DEQUANT, ScaledMM, select_fp8_backend, use_fp8_gemm
 from dsr1.model.linear import Linear
 from dsr1.model.mlp import GroupedExperts
 

@@ -244,7 +244,7 @@ def test_whole_model_matches_dequant():
 
 def test_fp8_activations_are_dequantized_in_the_kernel():
     """FP8Rows (DeepEP's FP8 dispatch) through the kernel = dequantizing them first, bit for bit."""
-    from dsr1.kernels.fp8_gemm import quantize_activation
+    from dsr1.fp8 import quantize_activation
     from dsr1.fp8 import FP8Rows
 
     e, rows, n, k = 3, 5, 128, 256
