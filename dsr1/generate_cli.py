@@ -1,5 +1,8 @@
 """The command line behind scripts/generate.py: load a checkpoint (or the embedded tiny default),
-encode prompts, generate, and print streamed text, plain completions or one JSON object per prompt."""
+encode prompts, generate, and print streamed text, plain completions or one JSON object per prompt.
+
+Generation runs the static batch of dsr1.engine.generation (CUDA-graph decode on a GPU) unless --engine asks
+for the serving engine (dsr1.engine.engine: continuous batching, prefix caching)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch.distributed as dist
 from dsr1 import embedded
 from dsr1.config import GenerationConfig, ModelConfig, ParallelConfig
 from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
+from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
 from dsr1.engine.generation import generate
 from dsr1.engine.load import default_device_dtype, gather_to_rank0, load_ep_model
 from dsr1.model.attention import ATTN_IMPLS
@@ -71,12 +75,8 @@ def device_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu{cuda}, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="generate.py",
-        description="Generate text with DeepSeek-R1. Without --ckpt-path, runs a tiny random-weight checkpoint "
-        "(built once into $XDG_CACHE_HOME/dsr1 or ~/.cache/dsr1) on a built-in prompt.",
-    )
+def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "model" flags that say what to load and how (shared with scripts/serve.py); returns the group."""
     model = p.add_argument_group("model")
     model.add_argument("--ckpt-path", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
     model.add_argument("--device", type=device_arg, help="default: cuda:$LOCAL_RANK when CUDA is available, else cpu")
@@ -86,12 +86,57 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fp8-gemm", choices=BACKENDS, default="auto", help="with --fp8-weights, how FP8 weights are multiplied: auto picks "
                        "deepgemm (if importable), else w8a16 (Triton, CUDA), else torch's block-scaled scaled_mm (Hopper), else dequant")
     model.add_argument("--max-seq-len", type=POSITIVE, help="longest prompt + generation the model accepts; default max_position_embeddings")
+    return model
+
+
+def add_ep_args(p: argparse.ArgumentParser) -> None:
+    """The expert-parallel flags (shared with scripts/serve.py)."""
+    ep = p.add_argument_group("expert parallelism (launch with torchrun --nproc-per-node EP)")
+    ep.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel ranks = processes; attention runs data-parallel over them (default 1)")
+    ep.add_argument("--expert-placement", choices=STRATEGIES, default=ParallelConfig.expert_placement, help="linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+EP, r+2EP, ...")
+    ep.add_argument("--all2all", choices=("torch", "deepep_ll"), default=ParallelConfig.all2all, help="token dispatch: torch.distributed collectives (gloo/NCCL) or DeepEP low-latency kernels")
+    ep.add_argument("--deepep-fp8-dispatch", action="store_true", help="DeepEP sends FP8 activations with per-128 scales (default BF16)")
+    ep.add_argument("--max-dispatch-tokens", type=POSITIVE, default=ParallelConfig.max_dispatch_tokens,
+                    help=f"tokens per rank per dispatch; longer prefills are split (default {ParallelConfig.max_dispatch_tokens})")
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens)
+
+
+def checkpoint_dir(ckpt_path: str | None, rank: int, world: int) -> Path:
+    """--ckpt-path, or the embedded tiny checkpoint (built into the cache by rank 0 first) run on one intra-op thread."""
+    if ckpt_path is not None:
+        return Path(ckpt_path)
+    # The tiny model's ops are too small to gain from intra-op threads, and on a busy machine
+    # threads that wait on each other made its 32-token decode 20x slower (0.7 s -> 17 s).
+    torch.set_num_threads(1)
+    if rank != 0:
+        dist.barrier()  # rank 0 builds the cached checkpoint first
+    path = embedded.tiny_checkpoint()
+    if rank == 0 and world > 1:
+        dist.barrier()
+    log_rank0(f"no --ckpt-path: running the embedded tiny random-weight checkpoint {path}", file=sys.stderr)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="generate.py",
+        description="Generate text with DeepSeek-R1. Without --ckpt-path, runs a tiny random-weight checkpoint "
+        "(built once into $XDG_CACHE_HOME/dsr1 or ~/.cache/dsr1) on a built-in prompt.",
+    )
+    model = add_model_args(p)
     model.add_argument("--prefill-chunk", type=POSITIVE, default=GenerationConfig.prefill_chunk, help="prompt tokens per prefill forward: "
                        f"peak activation memory follows this, not the prompt length (default {GenerationConfig.prefill_chunk})")
     model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
                        "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
     model.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
                        "(same function, about 25%% faster at batch 1 on H200; costs a compile per batch bucket at the start)")
+    model.add_argument("--engine", action="store_true", help="generate with the serving engine (continuous batching, prefix caching, "
+                       "--prefill-chunk prompt tokens per step, decode from CUDA graphs on one GPU) instead of one static batch that "
+                       "waits for its longest answer; greedy output is the same; each prompt samples from its own generator "
+                       "(seeded with --seed); needs --attn-impl absorb; a single prompt is printed when done, not streamed; not with --interactive")
 
     prompts = p.add_argument_group("prompts (default: the built-in prompt)")
     prompts.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
@@ -108,13 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = p.add_argument_group("output")
     output.add_argument("--json", action="store_true", help='one JSON object per prompt per line: {"prompt", "prompt_token_ids", "token_ids", "text"}')
 
-    ep = p.add_argument_group("expert parallelism (launch with torchrun --nproc-per-node EP)")
-    ep.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel ranks = processes; attention runs data-parallel over them (default 1)")
-    ep.add_argument("--expert-placement", choices=STRATEGIES, default=ParallelConfig.expert_placement, help="linear: rank r holds experts [r*L, (r+1)*L); round_robin: r, r+EP, r+2EP, ...")
-    ep.add_argument("--all2all", choices=("torch", "deepep_ll"), default=ParallelConfig.all2all, help="token dispatch: torch.distributed collectives (gloo/NCCL) or DeepEP low-latency kernels")
-    ep.add_argument("--deepep-fp8-dispatch", action="store_true", help="DeepEP sends FP8 activations with per-128 scales (default BF16)")
-    ep.add_argument("--max-dispatch-tokens", type=POSITIVE, default=ParallelConfig.max_dispatch_tokens,
-                    help=f"tokens per rank per dispatch; longer prefills are split (default {ParallelConfig.max_dispatch_tokens})")
+    add_ep_args(p)
     return p
 
 
@@ -123,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.interactive and (args.prompt or args.input_file or args.json or not args.chat):
         parser.error("--interactive reads prompts from stdin in the chat format; drop --prompt, --input-file, --json and --no-chat")
+    if args.engine and (args.interactive or args.attn_impl != "absorb"):
+        parser.error("--engine runs --prompt/--input-file batches on the absorbed latent cache; "
+                     "drop --interactive and --attn-impl naive, or drop --engine")
     try:
         run(args)
     except (ValueError, OSError, ImportError) as e:  # bad input: a file, a checkpoint, a flag the machine can't serve
@@ -134,18 +176,8 @@ def run(args: argparse.Namespace) -> None:
     texts = [] if args.interactive else read_prompts(args)
     rank, world, _ = init_distributed()
     check_device(args)
-    if args.ckpt_path is None:
-        # The tiny model's ops are too small to gain from intra-op threads, and on a busy machine
-        # threads that wait on each other made its 32-token decode 20x slower (0.7 s -> 17 s).
-        torch.set_num_threads(1)
-        if rank != 0:
-            dist.barrier()  # rank 0 builds the cached checkpoint first
-        path, defaults = embedded.tiny_checkpoint(), EMBEDDED_DEFAULTS
-        if rank == 0 and world > 1:
-            dist.barrier()
-        log_rank0(f"no --ckpt-path: running the embedded tiny random-weight checkpoint {path}", file=sys.stderr)
-    else:
-        path, defaults = Path(args.ckpt_path), CHECKPOINT_DEFAULTS
+    path = checkpoint_dir(args.ckpt_path, rank, world)
+    defaults = EMBEDDED_DEFAULTS if args.ckpt_path is None else CHECKPOINT_DEFAULTS
     cfg = read_config(args, path)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -160,7 +192,7 @@ def run(args: argparse.Namespace) -> None:
             f"it needs {longest} positions, beyond max_seq_len={max_seq_len} (--max-seq-len, at most max_position_embeddings="
             f"{cfg.max_position_embeddings}); shorten the prompt or lower --max-new-tokens"
         )
-    parallel = ParallelConfig(args.ep, args.expert_placement, args.all2all, args.deepep_fp8_dispatch, args.max_dispatch_tokens)
+    parallel = parallel_config(args)
     model, group = load_ep_model(
         path, parallel, device=args.device, dtype=DTYPES.get(args.dtype), fp8=args.fp8_weights, gemm=args.fp8_gemm,
         attn_impl=args.attn_impl, max_seq_len=args.max_seq_len, progress=is_rank0(),
@@ -170,22 +202,31 @@ def run(args: argparse.Namespace) -> None:
             log_rank0(line, file=sys.stderr)
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, prefill_chunk=args.prefill_chunk)
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
-    graphs = make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
+    graphs = None if args.engine else make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
     if args.interactive:
         chat_loop(model, tokenizer, config, group, graphs)
         return
-    if len(texts) == 1 and not args.json:
+    if len(texts) == 1 and not args.json and not args.engine:
         stream = TextStream(tokenizer)  # the prompt is rank 0's
         generate(model, [prompt_ids[i] for i in mine], config, on_token=stream, group=group, graphs=graphs)
         stream.finish()
         return
-    shares = gather_to_rank0(generate(model, [prompt_ids[i] for i in mine], config, group=group, graphs=graphs), group)
+    if args.engine:
+        engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk, cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode)
+        engine = Engine(model, config=engine_config, group=group)
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        mine_out = [out.token_ids for out in engine.generate([prompt_ids[i] for i in mine], params)]
+    else:
+        mine_out = generate(model, [prompt_ids[i] for i in mine], config, group=group, graphs=graphs)
+    shares = gather_to_rank0(mine_out, group)
     if shares is None:
         return
     outputs = [out for share in shares for out in share]  # rank order = input order
     for text, ids, out in zip(texts, prompt_ids, outputs):
         completion = decode(tokenizer, out)
-        if args.json:
+        if len(texts) == 1 and not args.json:
+            log_rank0(completion)  # --engine's single prompt: what the stream would have printed
+        elif args.json:
             record = {"prompt": text, "prompt_token_ids": ids, "token_ids": out, "text": completion}
             log_rank0(json.dumps(record, ensure_ascii=False))
         else:
@@ -194,11 +235,17 @@ def run(args: argparse.Namespace) -> None:
 
 def check_device(args: argparse.Namespace) -> None:
     """Raise ValueError if --fp8-gemm or --cuda-graphs on cannot run on the model's device."""
+    device = check_fp8_gemm(args)
+    if args.cuda_graphs == "on" and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs on: expected a CUDA device, got {device}; use --cuda-graphs auto or off")
+
+
+def check_fp8_gemm(args: argparse.Namespace) -> torch.device:
+    """The model's device; ValueError, naming the flag, if --fp8-gemm's backend cannot run there."""
     device = torch.device(args.device or default_device_dtype()[0])
     if args.fp8_weights and args.fp8_gemm != "auto":
         select_fp8_backend(args.fp8_gemm, device)  # raises, naming the flag, where that backend cannot run
-    if args.cuda_graphs == "on" and device.type != "cuda":
-        raise ValueError(f"--cuda-graphs on: expected a CUDA device, got {device}; use --cuda-graphs auto or off")
+    return device
 
 
 def read_config(args: argparse.Namespace, path: Path) -> ModelConfig:

@@ -37,6 +37,7 @@ CASES = {
     "ep-zero": (["--ep", "0"], ["--ep", "integer >= 1", "'0'"]),
     "seed-overflow": (["--seed", str(2**64)], ["--seed", str(2**64)]),
     "interactive-json": (["--interactive", "--json"], ["--interactive", "--json"]),
+    "engine-interactive": (["--engine", "--interactive"], ["--engine", "--interactive"]),
     "input-not-utf8": (["--input-file", "{tmp}/latin1.txt"], ["--input-file {tmp}/latin1.txt", "not UTF-8 (byte 0xe9 at offset 6, line 2)"]),
     "input-directory": (["--input-file", "{tmp}"], ["--input-file {tmp}:", "is a directory"]),
     "input-missing": (["--input-file", "{tmp}/none.txt"], ["--input-file {tmp}/none.txt", "does not exist"]),

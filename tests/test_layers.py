@@ -16,7 +16,7 @@ FLOORS = [
     ["dsr1.parallel"],  # placement, process groups, dispatchers, DeepEP
     ["dsr1.checkpoint"],  # HF names, safetensors reader, loader (given the experts to read)
     ["dsr1.engine", "dsr1.embedded"],  # loading a run, generation, CUDA-graph decode
-    ["dsr1.eval", "dsr1.generate_cli", "dsr1.placement_report", "dsr1.placement_stats", "dsr1"],  # adapters, CLIs, the package face
+    ["dsr1.eval", "dsr1.serve", "dsr1.generate_cli", "dsr1.placement_report", "dsr1.placement_stats", "dsr1"],  # adapters, the server, CLIs, the package face
 ]
 
 

@@ -1,1 +1,1 @@
-"""The engine: loading a model for a run (one process or expert-parallel), the generation loop, decode steps replayed from CUDA graphs."""
+"""The engine: loading a model for a run (one process or expert-parallel), the generation loop, decode steps replayed from CUDA graphs, and the serving engine (engine.py: continuous batching over a paged latent cache)."""

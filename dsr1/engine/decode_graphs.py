@@ -132,13 +132,20 @@ def decode_step(model: Transformer, tokens: Tensor, start_pos: Tensor, cache: li
     the fixed cache rows [0, n_keys) (masked past each position), and nothing checks max_seq_len.
     tokens [b, s], start_pos [b], logits_at [b] -> logits [b, v] fp32. block(layer, h, positions, freqs_cis,
     mask, cache) runs each decoder block: `run_block` (the default) or `compiled_block()`."""
-    positions = model.positions(tokens, start_pos)  # [b, s]
+    h = hidden_states(model, tokens, model.positions(tokens, start_pos), cache, n_keys, block)  # [b, s, m]
+    return model.logits(h, logits_at)
+
+
+def hidden_states(model: Transformer, tokens: Tensor, positions: Tensor, cache: list, n_keys: int, block=run_block) -> Tensor:
+    """The decoder blocks' output h [b, s, m] (before the final norm) for tokens [b, s] at any `positions` [b, s],
+    attending over cache rows [0, n_keys) masked past each position; no host sync. The serving engine
+    (dsr1/engine/runner.py) calls it with positions of its own choosing for the padding of a batch."""
     mask = Causal.cached(positions, n_keys)  # keys at 0 .. T - 1: each layer masks those past each position
-    freqs_cis = model.freqs_cis[positions]
-    h = model.embed(tokens)
+    freqs_cis = model.freqs_cis[positions]  # [b, s, r/2]
+    h = model.embed(tokens)  # [b, s, m]
     for layer, layer_cache in zip(model.layers, cache):  # the MTP layers' caches come last, unused
         h = block(layer, h, positions, freqs_cis, mask, layer_cache)
-    return model.logits(h, logits_at)
+    return h
 
 
 def compiled_block():

@@ -1,7 +1,8 @@
 """The `dsr1` model for lm-evaluation-harness 0.4.13 (`--model dsr1`, registered when dsr1.eval is imported).
 
 Scores (loglikelihood, loglikelihood_rolling) through a chunked prefill into a cache, with logits only at
-the scored positions of one chunk at a time, and generates with dsr1.engine.generation (generate_until).
+the scored positions of one chunk at a time, and generates (generate_until) with all requests in one serving
+engine (dsr1.engine.engine: continuous batching, prefix caching; dsr1/eval/until.py drives it).
 Under torchrun with ep > 1 every rank runs the same requests and forwards in lockstep; the LM keeps
 lm-eval's rank 0 / world size 1, so lm-eval returns results only on LOCAL_RANK 0 and never shards
 documents across ranks.
@@ -19,14 +20,16 @@ import lm_eval.models  # noqa: F401  keeps lm-eval's built-in models resolvable 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, warning_once
 from tqdm import tqdm
 
 from dsr1.config import GenerationConfig, ParallelConfig
-from dsr1.engine.decode_graphs import make_graphs
-from dsr1.engine.generation import chunk_starts, generate
+from dsr1.embedded import tiny_checkpoint
+from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
+from dsr1.engine.generation import chunk_starts
 from dsr1.engine.load import default_device_dtype, load_ep_model
+from dsr1.eval.until import THINK_CUTOFFS, StopStrings, answer, run_requests  # noqa: F401  StopStrings: for generate() callers
 from dsr1.parallel.dist import is_rank0
 from dsr1.tokenizer import ASSISTANT, END_THINK, EOS, apply_chat_template, decode, encode_prompt, load_tokenizer
 
@@ -41,15 +44,15 @@ GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")  # a
 class DSR1LM(TemplateLM):
     """DeepSeek-R1 from a Hugging Face checkpoint directory.
 
-    model_args: ckpt_path, dtype (auto|bfloat16|float16|float32), max_length (prompt + generation,
-    default the checkpoint's max_position_embeddings), max_gen_toks (default for requests that set
-    none), think_end_token / strip_thinking=True (score only the text after the last `</think>`; stop
-    strings then only count after it), fp8 (keep FP8 weights in memory), attn_impl, and the
-    expert-parallel flags ep, expert_placement, all2all, and cuda_graphs (auto|on|off: decode steps from
-    CUDA graphs over a cache of max_length x batch_size, where the run allows it) and compile_decode=True
-    (their decoder blocks through torch.compile: the same function, faster), prefill_chunk (positions
-    per forward when scoring or prefilling; default GenerationConfig's). batch_size,
-    max_batch_size and device come from lm-eval's own flags.
+    model_args: ckpt_path (default: the embedded tiny checkpoint, dsr1.embedded), dtype
+    (auto|bfloat16|float16|float32), max_length (prompt + generation, default the checkpoint's
+    max_position_embeddings), max_gen_toks (default for requests that set none), think_end_token /
+    strip_thinking=True (score only the text after the last `</think>`; stop strings then only count after
+    it) with think_cutoff (empty: a generation without it scores as no answer; keep: all of it), fp8 (keep
+    FP8 weights in memory), attn_impl (generation needs absorb), the expert-parallel flags ep,
+    expert_placement, all2all, prefill_chunk (positions per forward when scoring or prefilling; default
+    GenerationConfig's), and the engine's block_size, num_blocks, max_num_seqs (default batch_size) and
+    prefix_caching. batch_size, max_batch_size and device come from lm-eval's own flags.
     """
 
     def __init__(
@@ -68,19 +71,23 @@ class DSR1LM(TemplateLM):
         ep: int = 1,
         expert_placement: str = ParallelConfig.expert_placement,
         all2all: str = ParallelConfig.all2all,
-        cuda_graphs: str = "auto",
-        compile_decode: bool = False,
         prefill_chunk: int = GenerationConfig.prefill_chunk,
+        think_cutoff: str = "empty",
+        block_size: int = EngineConfig.block_size,
+        num_blocks: int | None = None,
+        max_num_seqs: int | None = None,
+        prefix_caching: bool = True,
         **unknown,
     ):
         super().__init__()
         if unknown:
             known = [name for name in inspect.signature(DSR1LM).parameters if name != "unknown"]
             raise ValueError(f"--model_args {sorted(unknown)} not understood by the dsr1 model; it accepts {known}")
-        if not ckpt_path:
-            raise ValueError("--model_args ckpt_path=DIR is required: a Hugging Face DeepSeek-R1 checkpoint directory")
         if dtype not in DTYPES:
             raise ValueError(f"--model_args dtype={dtype!r}; expected one of {list(DTYPES)}")
+        if think_cutoff not in THINK_CUTOFFS:
+            raise ValueError(f"--model_args think_cutoff={think_cutoff!r}; expected one of {list(THINK_CUTOFFS)}")
+        ckpt_path = ckpt_path or tiny_checkpoint()  # built once into the user cache, as scripts/generate.py does
         self.tokenizer = load_tokenizer(ckpt_path)
         self._device = resolve_device(device)
         self._max_gen_toks = int(max_gen_toks)
@@ -89,6 +96,7 @@ class DSR1LM(TemplateLM):
         if self.prefill_chunk < 1:
             raise ValueError(f"--model_args prefill_chunk={prefill_chunk}: expected an integer >= 1 (prompt tokens per prefill forward)")
         self.think_end_token = think_end_token or (END_THINK if strip_thinking else None)
+        self.think_cutoff = think_cutoff
         parallel = ParallelConfig(int(ep), expert_placement, all2all)
         # Under torchrun (ep > 1) every rank runs this, then the same requests in lockstep.
         self.model, self.group = load_ep_model(
@@ -96,7 +104,10 @@ class DSR1LM(TemplateLM):
             max_seq_len=int(max_length) if max_length else None, progress=is_rank0(),
         )
         self._max_length = self.model.max_seq_len  # default: the checkpoint's max_position_embeddings
-        self.graphs = make_graphs(self.model, cuda_graphs, self._max_length, self.batch_size, self.group, bool(compile_decode))
+        self.engine_config = EngineConfig(  # raises now, naming the field, on a bad value
+            block_size=int(block_size), num_blocks=num_blocks and int(num_blocks), max_num_seqs=int(max_num_seqs or self.batch_size),
+            max_num_batched_tokens=self.prefill_chunk, enable_prefix_caching=bool(prefix_caching), max_model_len=self._max_length,
+        )
 
     # -- what lm-eval reads -------------------------------------------------------------------------
 
@@ -210,37 +221,34 @@ class DSR1LM(TemplateLM):
     # -- generation ---------------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batched generation, longest contexts first; each batch shares its gen_kwargs."""
+        """Every request in one serving engine (a fresh one per call, freed after it), each with its own
+        gen_kwargs; the texts come back in request order."""
         args = [r.args for r in requests]
         encoded = {context: self.tok_encode(context) for context, _ in args}
-        coll = Collator(args, sort_fn=lambda a: (-len(encoded[a[0]]), a[0]), group_by="gen_kwargs", group_fn=lambda a: a[1])
-        results = []
-        pbar = tqdm(total=len(args), desc="dsr1 generate_until", disable=disable_tqdm or not is_rank0())
-        for chunk in coll.get_batched(n=self.batch_size):
-            contexts, all_kwargs = zip(*chunk)
-            kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
+        prompts, params, untils = [], [], []
+        for context, gen_kwargs in args:
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             ignored = sorted(set(kwargs) - set(GEN_KWARGS))
             if ignored:
                 warning_once(log, f"dsr1 ignores gen_kwargs {ignored}; it understands {list(GEN_KWARGS)}")
-            until = handle_stop_sequences(kwargs["until"], eos=EOS)
             max_new = kwargs["max_gen_toks"]
-            config = GenerationConfig(
-                max_new,
-                temperature=float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0,
-                top_p=float(kwargs.get("top_p", 1.0)),
-                eos_id=self.eot_token_id,
-                prefill_chunk=self.prefill_chunk,
-            )
-            prompts = [self._fit(encoded[c], max_new) for c in contexts]
-            should_stop = StopStrings(self.tokenizer, until, self.think_end_token)
-            outputs = generate(self.model, prompts, config, should_stop=should_stop, group=self.group, graphs=self.graphs)
-            for context, gen_kwargs, ids in zip(contexts, all_kwargs, outputs):
-                text = postprocess_generated_text(self.tok_decode(ids), until, self.think_end_token)
-                results.append(text)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                pbar.update(1)
+            prompts.append(self._fit(encoded[context], max_new))
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0
+            untils.append([s for s in handle_stop_sequences(kwargs["until"], eos=EOS) if s])
+            params.append(SamplingParams(
+                max_tokens=max_new, temperature=temperature, top_p=float(kwargs.get("top_p", 1.0)), stop=untils[-1],
+                stop_token_ids=(self.eot_token_id,), stop_only_after=self.think_end_token,
+            ))
+        engine = Engine(self.model, self.tokenizer, config=self.engine_config, group=self.group)
+        pbar = tqdm(total=len(args), desc="dsr1 generate_until", disable=disable_tqdm or not is_rank0())
+        outputs = run_requests(engine, prompts, params, lambda: pbar.update(1))
         pbar.close()
-        return coll.get_original(results)
+        results = []
+        for (context, gen_kwargs), until, ids in zip(args, untils, outputs):
+            text = answer(self.tok_decode(ids), until, self.think_end_token, self.think_cutoff)
+            results.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return results
 
     def _fit(self, ids: list[int], max_new: int) -> list[int]:
         """Drop the oldest context tokens (never the BOS) so context + max_new fits max_length."""
@@ -251,28 +259,6 @@ class DSR1LM(TemplateLM):
             return ids
         log.warning("context of %d tokens + max_gen_toks=%d exceeds max_length=%d; keeping BOS + the last %d context tokens", len(ids), max_new, self.max_length, room - 1)
         return ids[:1] + ids[len(ids) - room + 1 :]
-
-
-class StopStrings:
-    """should_stop for dsr1.engine.generation.generate: a row stops once its text holds any stop string.
-
-    Only a tail of the generated ids is decoded each step (long enough to hold the longest stop string
-    at one byte per token). With think_end_token, stop strings count only after it: the reasoning
-    before it is dropped before scoring and may contain them.
-    """
-
-    def __init__(self, tokenizer, until: list[str], think_end_token: str | None):
-        self.tokenizer, self.until, self.think_end_token = tokenizer, [s for s in until if s], think_end_token
-        self.window = 4 * max(map(len, [*self.until, think_end_token or ""]), default=1) + 2
-        self.answer_start: dict[int, int] = {}  # row -> index of its first token after think_end_token
-
-    def __call__(self, row: int, ids: list[int]) -> bool:
-        if self.think_end_token and row not in self.answer_start:
-            if self.think_end_token in decode(self.tokenizer, ids[-self.window :]):
-                self.answer_start[row] = len(ids)
-            return False
-        tail = decode(self.tokenizer, ids[max(self.answer_start.get(row, 0), len(ids) - self.window) :])
-        return any(s in tail for s in self.until)
 
 
 def resolve_device(device: str | None) -> str:

@@ -70,9 +70,18 @@ class Causal:
 @dataclass
 class LatentCache:
     """Absorbed-path cache: keys [B, T, c + r], each position's kv (after kv_norm) then its pe (after rope), so one
-    product scores a query against both."""
+    product scores a query against both. MLA only calls `store`: any object with it serves as a layer's cache
+    (the serving engine's PagedLatentCache keeps the same rows in fixed-size blocks)."""
 
     keys: Tensor
+
+    def store(self, positions: Tensor, keys: Tensor, n_keys: int) -> Tensor:
+        """Write this call's keys [b, s, c + r] at `positions` [b, s] of cache rows [0, b) -> the keys to attend
+        over, rows [0, n_keys) of each: [b, t, c + r]. (dsr1/engine/paged.py's PagedLatentCache does the same in
+        blocks.)"""
+        rows = torch.arange(keys.shape[0], device=keys.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
+        self.keys[rows, positions] = keys
+        return self.keys[: keys.shape[0], :n_keys]
 
     def tensors(self) -> list[Tensor]:
         return [self.keys]
@@ -84,6 +93,12 @@ class HeadCache:
 
     k: Tensor
     v: Tensor
+
+    def store(self, positions: Tensor, k: Tensor, v: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
+        """Write this call's k [b, s, h, d + r], v [b, s, h, d] at `positions` [b, s] -> rows [0, n_keys) of both."""
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
+        self.k[rows, positions], self.v[rows, positions] = k, v
+        return self.k[: k.shape[0], :n_keys], self.v[: k.shape[0], :n_keys]
 
     def tensors(self) -> list[Tensor]:
         return [self.k, self.v]
@@ -147,12 +162,10 @@ class MLA(nn.Module):
     def naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, k_pe: Tensor, mask: Causal, cache: HeadCache | None, positions: Tensor) -> Tensor:
         """Per-head keys and values expanded from the latent, as HF computes them. q_nope [b, s, h, d],
         q_pe [b, s, h, r], kv [b, s, c], k_pe [b, s, r] (this call's positions) -> o [b, s, h, d]."""
-        b, t = kv.shape[0], mask.n_keys
+        t = mask.n_keys
         k, v = self._expand(kv, k_pe)  # [b, s, h, d + r], [b, s, h, d]
         if cache is not None:
-            rows = torch.arange(b, device=kv.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
-            cache.k[rows, positions], cache.v[rows, positions] = k, v
-            k, v = cache.k[:b, :t], cache.v[:b, :t]  # [b, t, h, d + r], [b, t, h, d]
+            k, v = cache.store(positions, k, v, t)  # [b, t, h, d + r], [b, t, h, d]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, d + r]
         if self.flash.takes(q):
             return self.flash.prefill(q, k, v, self.softmax_scale, mask.positions, mask.key_positions, mask.aligned)
@@ -167,12 +180,10 @@ class MLA(nn.Module):
 
         Each product is first offered to the backend (`gemm`), which returns None where it has no kernel for it.
         A prefill that the `flash` kernel takes runs in the naive form, on keys and values expanded from the latent."""
-        b, t = kv.shape[0], mask.n_keys
+        t = mask.n_keys
         keys = torch.cat([kv, k_pe], dim=-1)  # [b, s, c + r]: this call's positions
         if cache is not None:
-            rows = torch.arange(b, device=kv.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
-            cache.keys[rows, positions] = keys
-            keys = cache.keys[:b, :t]  # [b, t, c + r]
+            keys = cache.store(positions, keys, t)  # [b, t, c + r]: every key the queries may see
         kv = keys[..., : self.kv_lora_rank]  # [b, t, c]
         if self.flash.takes(q_nope):
             k, v = self._expand(kv, keys[..., self.kv_lora_rank :])  # [b, t, h, d + r], [b, t, h, d]

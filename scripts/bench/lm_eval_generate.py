@@ -1,7 +1,8 @@
 """Throughput of the dsr1 lm-eval model's generate_until at several batch sizes (one process).
 
 Builds gsm8k-format zero-shot requests ("Question: ...\\nAnswer:", the task's stop strings) from the
-bundled tiny task's questions and times lm.generate_until on the same requests at each batch size.
+bundled tiny task's questions and times lm.generate_until on the same requests at each batch size (the
+serving engine's max_num_seqs, which --batch_size sets by default).
 Without --ckpt-path it runs the embedded tiny random-weight checkpoint (configs/tiny.json):
 
     python scripts/bench/lm_eval_generate.py --batch-sizes 1 8 [--json lm_eval_generate.json]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,7 +57,7 @@ def main() -> None:
     seconds, outputs = {b: float("inf") for b in args.batch_sizes}, {}
     for _ in range(args.repeats):  # alternate batch sizes so a busy machine slows them alike; keep the best
         for batch_size in args.batch_sizes:
-            lm._batch_size = batch_size  # one loaded model for every batch size
+            lm.engine_config = replace(lm.engine_config, max_num_seqs=batch_size)  # one loaded model for every batch size
 
             def run(batch_size: int = batch_size) -> None:
                 outputs[batch_size] = lm.generate_until(requests, disable_tqdm=True)

@@ -1,5 +1,6 @@
 """The lm-eval adapter (dsr1.eval.lm_eval) on the tiny synthetic checkpoint: scores against direct forwards,
-generation against dsr1.engine.generation and scripts/generate.py, stopping, and evals/run_lm_eval.py end to end."""
+generation (on the serving engine) against dsr1.engine.generation and scripts/generate.py, stopping, the think
+cutoff, and evals/run_lm_eval.py end to end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,13 @@ pytest.importorskip("lm_eval")
 from dsr1 import GenerationConfig, load_model  # noqa: E402
 from dsr1.eval import lm_eval as adapter  # noqa: E402
 from dsr1.eval.lm_eval import DSR1LM, StopStrings, resolve_batch_size, resolve_device  # noqa: E402
+from dsr1.eval import until  # noqa: E402
+from dsr1.eval.until import run_requests  # noqa: E402
 from dsr1.engine.generation import generate  # noqa: E402
-from dsr1.tokenizer import BOS, EOS, decode, encode_prompt, load_tokenizer  # noqa: E402
+from dsr1.tokenizer import BOS, END_THINK, EOS, decode, encode_prompt, load_tokenizer  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
+from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -55,7 +60,7 @@ def direct_logprob(lm: DSR1LM, ids: list[int], n_context: int) -> float:
     return sum(float(logprobs[i - 1, ids[i]]) for i in range(n_context, len(ids)))
 
 
-def test_registered_and_built_like_the_cli(ckpt):
+def test_registered_and_built_like_the_cli(ckpt, monkeypatch):
     cls = get_model("dsr1")
     assert cls is DSR1LM
     assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own models still resolve after ours registered
@@ -63,10 +68,19 @@ def test_registered_and_built_like_the_cli(ckpt):
     assert (lm.batch_size, lm.max_length, lm.device) == (2, 64, "cpu")
     with pytest.raises(ValueError, match=r"\['max_len'\] not understood"):
         cls.create_from_arg_string(f"ckpt_path={ckpt},max_len=64", {"device": "cpu"})
-    with pytest.raises(ValueError, match="ckpt_path=DIR is required"):
-        cls.create_from_arg_string("", {"device": "cpu"})
     with pytest.raises(ValueError, match=r"prefill_chunk=0: expected an integer >= 1"):
         cls.create_from_arg_string(f"ckpt_path={ckpt},prefill_chunk=0", {"device": "cpu"})
+    with pytest.raises(ValueError, match=r"think_cutoff='drop'; expected one of \['empty', 'keep'\]"):
+        cls.create_from_arg_string(f"ckpt_path={ckpt},think_cutoff=drop", {"device": "cpu"})
+    with pytest.raises(ValueError, match=r"EngineConfig.block_size must be >= 1, found 0"):
+        cls.create_from_arg_string(f"ckpt_path={ckpt},block_size=0", {"device": "cpu"})
+    built = []
+    monkeypatch.setattr(adapter, "tiny_checkpoint", lambda: built.append(ckpt) or ckpt)  # the embedded default, as scripts/generate.py runs it
+    lm = cls.create_from_arg_string("block_size=8,num_blocks=40,max_num_seqs=3,prefix_caching=False", {"batch_size": "2", "device": "cpu"})
+    config = lm.engine_config
+    assert built == [ckpt]
+    assert (config.block_size, config.num_blocks, config.max_num_seqs, config.enable_prefix_caching) == (8, 40, 3, False)
+    assert config.max_num_batched_tokens == lm.prefill_chunk and lm.think_cutoff == "empty"
 
 
 def test_device_and_batch_size_flags(caplog):
@@ -157,9 +171,33 @@ def test_generate_until_matches_generate_script(lm, ckpt):
 def test_generate_until_batches_and_restores_order(lm, monkeypatch):
     args = [(c, {"until": [], "max_gen_toks": 6}) for c in CONTEXTS] + [(CONTEXTS[1], {"until": [], "max_gen_toks": 3})]
     batched = lm.generate_until(requests("generate_until", args))
-    monkeypatch.setattr(lm, "_batch_size", 1)
+    # One sequence at a time, small blocks, no prefix cache, one-token prefill chunks: the same texts.
+    monkeypatch.setattr(lm, "engine_config", replace(lm.engine_config, max_num_seqs=1, block_size=2, enable_prefix_caching=False, max_num_batched_tokens=1))
     assert batched == lm.generate_until(requests("generate_until", args))
     assert batched[1].startswith(batched[3]) and batched[1] != batched[3]
+
+
+def test_engine_generations_equal_the_static_path(lm, monkeypatch):
+    """Per request, the engine's text is what the previous implementation produced: generation.generate on that
+    request with its stop strings (StopStrings), cut by lm-eval's postprocess. Seven requests sharing a few-shot
+    prefix, with their own stop strings and lengths, in an engine of 4 sequences: the later ones reuse the
+    prefix from the cache."""
+    shots = "Question: Ann has 2 pens and buys 3 more. How many pens?\nAnswer: 2 + 3 = 5. #### 5\n\n" * 2
+    ids = greedy_ids(lm, shots + CONTEXTS[0][len("Question: "):], 12)
+    stop = lm.tok_decode(ids[5:7])  # a stop string the first request generates
+    gen_kwargs = [{"until": [stop], "max_gen_toks": 12}, {"until": ["Question:"], "max_gen_toks": 9}, {"max_gen_toks": 5}, {"until": "\n\n", "max_gen_toks": 7}]
+    args = [(shots + q, gen_kwargs[i % 4]) for i, q in enumerate([CONTEXTS[0][len("Question: "):], *CONTEXTS, "2, 4, 6,", "Tom?", "Paris"])]
+    engines = []
+    monkeypatch.setattr(adapter, "run_requests", lambda engine, *a: engines.append(engine) or run_requests(engine, *a))
+    got = lm.generate_until(requests("generate_until", args))
+    for (context, kwargs), text in zip(args, got):
+        stops = handle_stop_sequences(kwargs.get("until"), EOS)
+        config = GenerationConfig(kwargs["max_gen_toks"], eos_id=lm.eot_token_id)
+        static = generate(lm.model, [lm.tok_encode(context)], config, should_stop=StopStrings(lm.tokenizer, stops, None))[0]
+        assert text == postprocess_generated_text(lm.tok_decode(static), stops, None)
+    assert got[0] == lm.tok_decode(ids)[: lm.tok_decode(ids).index(stop)]
+    shared = len(lm.tok_encode(shots)) // lm.engine_config.block_size * lm.engine_config.block_size
+    assert engines[0].stats().cached_prompt_tokens >= 3 * shared > 0  # requests 5-7 waited for a free sequence slot
 
 
 def test_stop_strings_and_max_gen_toks_aliases(lm, monkeypatch):
@@ -168,7 +206,7 @@ def test_stop_strings_and_max_gen_toks_aliases(lm, monkeypatch):
     stop = lm.tok_decode(ids[6:8])
     assert stop.strip() and full.index(stop) >= len(lm.tok_decode(ids[:6]))  # a stop string first seen at token 6
     lengths = []
-    monkeypatch.setattr(adapter, "generate", lambda *a, **kw: [lengths.append(len(o)) or o for o in generate(*a, **kw)])
+    monkeypatch.setattr(adapter, "run_requests", lambda *a: [lengths.append(len(o)) or o for o in run_requests(*a)])
     gen_kwargs = [{"until": [stop], "max_gen_toks": 16}, {"max_new_tokens": 5}, {"max_tokens": 5, "until": "never"}, {"max_completion_tokens": 5}]
     got = lm.generate_until(requests("generate_until", [(CONTEXTS[0], g) for g in gen_kwargs]))
     assert got == [full[: full.index(stop)], *[lm.tok_decode(ids[:5])] * 3]
@@ -200,6 +238,18 @@ def test_strip_thinking(lm, monkeypatch):
         stop = StopStrings(lm.tokenizer, ["Question:"], think_end_token)
         first = [stop(0, pieces[: i + 1]) for i in range(len(pieces))].index(True)
         assert lm.tok_decode(pieces[: first + 1]).endswith(expected)
+
+
+def test_think_cutoff(lm, monkeypatch):
+    """With strip_thinking, a generation that never closes its reasoning scores as no answer unless think_cutoff=keep."""
+    request = requests("generate_until", [(CONTEXTS[1], {"until": ["Question:"], "max_gen_toks": 10})])
+    full = lm.tok_decode(greedy_ids(lm, CONTEXTS[1], 10))
+    assert END_THINK not in full
+    monkeypatch.setattr(lm, "think_end_token", END_THINK)
+    assert lm.generate_until(request) == [""]
+    monkeypatch.setattr(lm, "think_cutoff", "keep")
+    assert lm.generate_until(request) == [full.lstrip().split("Question:")[0]]  # lm-eval's postprocess: all of it
+    assert until.answer("a</think> b", [], END_THINK, "empty") == "b" and until.answer("a", ["x"], None, "empty") == "a"
 
 
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]  # evals/tasks/gsm8k_local/gsm8k_local.yaml's generation_kwargs
