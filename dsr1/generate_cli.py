@@ -89,6 +89,14 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return model
 
 
+def add_decode_args(group: argparse._ArgumentGroup) -> None:
+    """--cuda-graphs and --compile-decode (shared with scripts/serve.py, whose engine takes them on one GPU)."""
+    group.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
+                       "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
+    group.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
+                       "(same function, about 25%% faster at batch 1 on H200; costs a compile per batch bucket at the start)")
+
+
 def add_ep_args(p: argparse.ArgumentParser) -> None:
     """The expert-parallel flags (shared with scripts/serve.py)."""
     ep = p.add_argument_group("expert parallelism (launch with torchrun --nproc-per-node EP)")
@@ -129,10 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = add_model_args(p)
     model.add_argument("--prefill-chunk", type=POSITIVE, default=GenerationConfig.prefill_chunk, help="prompt tokens per prefill forward: "
                        f"peak activation memory follows this, not the prompt length (default {GenerationConfig.prefill_chunk})")
-    model.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
-                       "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
-    model.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
-                       "(same function, about 25%% faster at batch 1 on H200; costs a compile per batch bucket at the start)")
+    add_decode_args(model)
     model.add_argument("--engine", action="store_true", help="generate with the serving engine (continuous batching, prefix caching, "
                        "--prefill-chunk prompt tokens per step, decode from CUDA graphs on one GPU) instead of one static batch that "
                        "waits for its longest answer; greedy output is the same; each prompt samples from its own generator "

@@ -10,7 +10,8 @@ a byte-level tokenizer (R1's) the pieces join to exactly tokenizer.decode(all id
 
 Stop strings are looked for only where the new text could complete one, and, with `stop_only_after`, only in
 the text after the first occurrence of that marker (R1's "</think>": a stop string inside the reasoning does
-not end the answer).
+not end the answer). A text that ends in the start of a stop string would lose it if the stop string came, so a
+stream is shown the text without it (`shown`): what a stream has sent is never taken back.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class Detokenizer:
         if cut >= 0:
             self.text = self.text[:cut]
         return cut >= 0
+
+    def shown(self) -> str:
+        """The text less a tail that may begin a stop string, for a request that is still running."""
+        if self.answer_start is None:
+            return self.text
+        start = self.answer_start
+        held = max((k for stop in self.stop for k in range(1, len(stop)) if self.text.endswith(stop[:k], start)), default=0)
+        return self.text[: len(self.text) - held]
 
     def _find_stop(self, searched: int) -> int:
         """The first stop string that text[searched:] completes, counting from answer_start -> its index or -1."""

@@ -23,7 +23,7 @@ from torch.distributed import ProcessGroup
 from dsr1.engine.blocks import BlockManager
 from dsr1.engine.detokenize import Detokenizer
 from dsr1.engine.paged import bytes_per_block
-from dsr1.engine.paged_graphs import make_paged_graphs
+from dsr1.engine.paged_graphs import GRAPH_MODES, make_paged_graphs
 from dsr1.engine.runner import ModelRunner, Row
 from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose, logprobs_of, new_generator
 from dsr1.engine.scheduler import Request, Scheduler
@@ -53,6 +53,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= {least}, found {value}")
         if not 0 < self.cache_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.cache_memory_fraction must be in (0, 1], found {self.cache_memory_fraction}")
+        if self.cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"EngineConfig.cuda_graphs {self.cuda_graphs!r} is not one of {GRAPH_MODES}")
 
 
 @dataclass
@@ -61,7 +63,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # every generated token so far (stop token excluded)
     new_token_ids: list[int]  # generated in this step
-    text: str  # detokenized generated text so far (stop string trimmed); "" without a tokenizer
+    text: str  # detokenized generated text so far, stop string trimmed ("" without a tokenizer); only ever grows:
+    # while running it holds back a tail that may begin a stop string and an incomplete UTF-8 character
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: list[TokenLogprob] | None
@@ -214,7 +217,7 @@ class Engine:
     def _output(self, req: Request, new_token_ids: list[int]) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, token_ids=req.output_ids,
-            new_token_ids=new_token_ids, text="" if req.detokenizer is None else req.detokenizer.text, finished=req.finish_reason is not None,
+            new_token_ids=new_token_ids, text=_text(req), finished=req.finish_reason is not None,
             finish_reason=req.finish_reason, logprobs=None if req.logprobs is None else list(req.logprobs),
             prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs),
             num_cached_tokens=max(req.num_cached_tokens, 0),
@@ -242,6 +245,12 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs the engine to have a tokenizer (stop strings are matched on text)")
+
+
+def _text(req: Request) -> str:
+    if req.detokenizer is None:
+        return ""
+    return req.detokenizer.text if req.finish_reason is not None else req.detokenizer.shown()
 
 
 def default_num_blocks(model: Transformer, config: EngineConfig, max_model_len: int) -> int:

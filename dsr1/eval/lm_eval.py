@@ -77,6 +77,7 @@ class DSR1LM(TemplateLM):
         num_blocks: int | None = None,
         max_num_seqs: int | None = None,
         prefix_caching: bool = True,
+        cuda_graphs: str = EngineConfig.cuda_graphs,
         **unknown,
     ):
         super().__init__()
@@ -107,6 +108,7 @@ class DSR1LM(TemplateLM):
         self.engine_config = EngineConfig(  # raises now, naming the field, on a bad value
             block_size=int(block_size), num_blocks=num_blocks and int(num_blocks), max_num_seqs=int(max_num_seqs or self.batch_size),
             max_num_batched_tokens=self.prefill_chunk, enable_prefix_caching=bool(prefix_caching), max_model_len=self._max_length,
+            cuda_graphs=cuda_graphs,
         )
 
     # -- what lm-eval reads -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 
 from dsr1.engine.engine import Engine, EngineConfig
 from dsr1.engine.load import load_ep_model
-from dsr1.generate_cli import DTYPES, POSITIVE, Parser, add_ep_args, add_model_args, check_fp8_gemm, checked, checkpoint_dir, parallel_config, read_config
+from dsr1.generate_cli import DTYPES, POSITIVE, Parser, add_decode_args, add_ep_args, add_model_args, check_fp8_gemm, checked, checkpoint_dir, parallel_config, read_config
 from dsr1.parallel.dist import init_distributed, is_rank0
 from dsr1.serve.app import build_app, start
 from dsr1.serve.distributed import HEARTBEAT_S, expert_parallel
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=POSITIVE, default=EngineConfig.max_num_batched_tokens,
                         help=f"prompt tokens prefilled per step (default {EngineConfig.max_num_batched_tokens})")
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the cache blocks of prompts' shared prefixes")
+    add_decode_args(engine)  # the engine's decode steps on one GPU; under --ep they run eagerly
     add_ep_args(p)
     return p
 
@@ -72,7 +73,10 @@ def run(args: argparse.Namespace) -> None:
     check_fp8_gemm(args)
     if rank == 0:  # the other ranks serve through rank 0
         check_port(args.host, args.port)
-    config = EngineConfig(args.block_size, args.num_blocks, args.max_num_seqs, args.max_num_batched_tokens, not args.no_prefix_caching, args.max_seq_len)
+    config = EngineConfig(
+        args.block_size, args.num_blocks, args.max_num_seqs, args.max_num_batched_tokens, not args.no_prefix_caching, args.max_seq_len,
+        cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode,
+    )
     path = checkpoint_dir(args.ckpt_path, rank, world)
     cfg = read_config(args, path)
     tokenizer = load_tokenizer(path)

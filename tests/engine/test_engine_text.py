@@ -102,9 +102,13 @@ def test_engine_text_is_the_decode_of_its_tokens(make_checkpoint, tokenizer):
     stop = tokenizer.decode(out.token_ids[2:4])
     marker = tokenizer.decode(out.token_ids[8:10])
     assert stop and marker and stop not in out.text[out.text.index(marker) + len(marker) :]
+    streamed: dict[str, list[str]] = {}
     stopped, ignored = engine.generate([prompts[0]] * 2, [
         SamplingParams(max_tokens=24, stop=(stop,), ignore_eos=True),
         SamplingParams(max_tokens=24, stop=(stop,), stop_only_after=marker, ignore_eos=True),
-    ])
+    ], on_output=lambda o: streamed.setdefault(o.request_id, []).append(o.text))
     assert stopped.finish_reason == "stop" and stopped.text == out.text[: out.text.index(stop)] and len(stopped.token_ids) <= 4
+    assert len(streamed) == 2
+    for texts in streamed.values():  # a stream never takes text back, though the stop string spans two tokens
+        assert len(texts) > 2 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
     assert ignored.finish_reason == "length" and ignored.text == out.text

@@ -61,11 +61,11 @@ def test_prefill_chunk_is_checked():
         build_parser().parse_args(["--prefill-chunk", "0"])
 
 
-# A 16384-token prompt on a 2-layer (one MoE), 1-head variant of configs/tiny.json. Until attention works per
-# query block, each chunk still builds [b, c, h, t] fp32 scores, a few copies at once: 32 MiB each at c = 512 and
-# t = 16384, where a one-shot prefill needs 1 GiB each. The peak is the kernel's high-water mark, reset just
-# before the prefill (ru_maxrss would include the forking pytest process's), with blocks over 1 MiB mmapped
-# so that RSS follows live tensors rather than heap fragmentation. Measured growth: ~110 MiB.
+# A 16384-token prompt on a 2-layer (one MoE), 1-head variant of configs/tiny.json. A chunk of c = 512 queries
+# scores its [b, c, h, t] fp32 block whole (32 MiB at t = 16384: within MLA.score_bytes), a few copies at once,
+# where a one-shot prefill would need 1 GiB each. The peak is the kernel's high-water mark, reset just before
+# the prefill (ru_maxrss would include the forking pytest process's), with blocks over 1 MiB mmapped so that
+# RSS follows live tensors rather than heap fragmentation. Measured growth on a 2-core CPU, 2026-12-08: 108 MiB.
 LONG = 16384
 LONG_CONFIG = {"vocab_size": 512, "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
                "max_position_embeddings": LONG + 64, "num_nextn_predict_layers": 0}
