@@ -25,7 +25,7 @@ from dsr1.engine.detokenize import Detokenizer
 from dsr1.engine.paged import bytes_per_block
 from dsr1.engine.paged_graphs import GRAPH_MODES, make_paged_graphs
 from dsr1.engine.runner import ModelRunner, Row
-from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose, logprobs_of, new_generator
+from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose_all, logprobs_of, new_generator
 from dsr1.engine.scheduler import Request, Scheduler
 from dsr1.model.transformer import Transformer
 
@@ -132,13 +132,15 @@ class Engine:
         decode = [(req, 1) for req in plan.decode]
         rows = [[self._row(req, n) for req, n in batch] for batch in (decode, plan.prefill)]
         logits = self.runner.run(*rows)
-        new_tokens: dict[Request, list[int]] = {}
+        sampling: list[tuple[Request, torch.Tensor]] = []  # the requests that take a token now, with their logits [v]
         for (req, n), req_logits in zip(decode + plan.prefill, logits[0] + logits[1]):
             self.scheduler.computed(req, n)
             if req.needs_prompt_logits:
                 self._prompt_logprobs(req, req_logits)
             if req.remaining == 0:
-                new_tokens[req] = self._next_token(req, req_logits[-1])
+                sampling.append((req, req_logits[-1]))
+        tokens = choose_all([req.params for req, _ in sampling], [lg for _, lg in sampling], [req.generator for req, _ in sampling])
+        new_tokens = {req: self._next_token(req, lg, token) for (req, lg), token in zip(sampling, tokens)}
         outputs = [self._output(req, []) for req in self.aborted]
         self.aborted = []
         for req, tokens in new_tokens.items():
@@ -195,10 +197,9 @@ class Engine:
         targets = torch.tensor(req.prompt_token_ids[first : first + n], device=logits.device)
         req.prompt_logprobs += logprobs_of(logits[:n], targets, req.params.prompt_logprobs)
 
-    def _next_token(self, req: Request, logits: torch.Tensor) -> list[int]:
-        """Choose req's next token from its logits [v] and apply its stops -> the tokens it adds (none at a stop token)."""
+    def _next_token(self, req: Request, logits: torch.Tensor, token: int) -> list[int]:
+        """Take `token`, chosen from req's logits [v], and apply its stops -> the tokens it adds (none at a stop token)."""
         p = req.params
-        token = choose(logits, p, req.generator)
         new = []
         if token in p.stop_token_ids or (token == self.model.cfg.eos_token_id and not p.ignore_eos):
             req.finish_reason = "stop"

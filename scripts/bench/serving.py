@@ -13,8 +13,9 @@ prefix of --prefix-tokens random tokens (gsm8k's 5-shot prefix is ~800 tokens) +
 [1, --max-output], and forced: the engine ignores EOS with max_tokens = the length, the static path never
 stops at EOS and stops each row at its length. Arrivals: all at once (--rate 0), or a Poisson process of
 --rate requests/s. The static path takes the requests that have arrived when its previous batch ends (up to
---max-num-seqs), or waits for the next arrival. Both decode eagerly (the engine has no CUDA graphs) and prefill
-in chunks of --max-num-batched-tokens. The engine's pool defaults to the blocks --max-num-seqs sequences of the
+--max-num-seqs), or waits for the next arrival. Both decode from CUDA graphs where the run allows them
+(--cuda-graphs: the static path's over its contiguous cache, the engine's over its paged one) and prefill in
+chunks of --max-num-batched-tokens. The engine's pool defaults to the blocks --max-num-seqs sequences of the
 longest prompt + answer need: the static path's largest cache.
 
 Per system: output tokens/s (generated tokens / time from the first arrival to the last token), TTFT p50/p99
@@ -40,6 +41,7 @@ from bench_timing import Timer
 from bench_weights import fill_dsr1
 from dsr1.checkpoint.loader import build_model
 from dsr1.config import GenerationConfig, ModelConfig
+from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
 from dsr1.engine.generation import generate
 from dsr1.kernels.fp8_gemm import BACKENDS, select_fp8_backend, use_fp8_gemm
@@ -69,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, default=None, help="engine pool; default: max-num-seqs x the longest prompt + answer")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="engine prefill tokens per step = the static prefill chunk")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="decode steps from CUDA graphs, both systems (auto: where the run allows)")
     p.add_argument("--chunk", type=int, default=512, help="tokens per MoE dispatch (LocalDispatcher max_tokens)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +115,7 @@ def run_engine(model, work, config: EngineConfig) -> tuple[Trace, dict]:
     return trace, {"prefix_hit_rate": s.cached_prompt_tokens / s.prompt_tokens, "preemptions": s.preemptions, "num_blocks": s.total_blocks + 1}
 
 
-def run_static(model, work, batch_size: int, prefill_chunk: int) -> tuple[Trace, dict]:
+def run_static(model, work, batch_size: int, prefill_chunk: int, graphs=None) -> tuple[Trace, dict]:
     """Batches of the requests that have arrived (up to batch_size), each run to its longest answer."""
     trace, pending = Trace(work.arrivals), deque(range(len(work.prompts)))
     while pending:
@@ -128,7 +131,7 @@ def run_static(model, work, batch_size: int, prefill_chunk: int) -> tuple[Trace,
             outs[row].append(token)
             trace.token(batch[row], outs[row])
 
-        generate(model, [work.prompts[i] for i in batch], config, on_token=on_token, should_stop=lambda row, ids: len(ids) >= lengths[row])
+        generate(model, [work.prompts[i] for i in batch], config, on_token=on_token, should_stop=lambda row, ids: len(ids) >= lengths[row], graphs=graphs)
     return trace, {"prefix_hit_rate": 0.0}
 
 
@@ -142,12 +145,14 @@ def main(argv=None) -> dict:
     model, backend = build(args, cfg, device, longest)
     num_blocks = args.num_blocks or args.max_num_seqs * -(-longest // args.block_size) + 1
     config = EngineConfig(block_size=args.block_size, num_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+                          max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+                          cuda_graphs=args.cuda_graphs)
+    graphs = make_graphs(model, args.cuda_graphs, longest, args.max_num_seqs)  # the static path's
     warm = make_workload(args, cfg.vocab_size, n=2, prefix_tokens=8, max_output=4)  # first forwards (kernel selection, allocator) off the clock
     run_engine(model, warm, config)
-    run_static(model, warm, args.max_num_seqs, args.max_num_batched_tokens)
+    run_static(model, warm, args.max_num_seqs, args.max_num_batched_tokens, graphs)
     timer, results, tokens = Timer(device), {}, {}
-    for name, run in (("static", lambda: run_static(model, work, args.max_num_seqs, args.max_num_batched_tokens)),
+    for name, run in (("static", lambda: run_static(model, work, args.max_num_seqs, args.max_num_batched_tokens, graphs)),
                       ("engine", lambda: run_engine(model, work, config))):
         reset_peak_memory(device)
         box = []

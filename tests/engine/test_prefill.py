@@ -106,3 +106,19 @@ def test_long_prompt_prefills_in_bounded_memory(make_checkpoint):
     scores = small * LONG * 4  # [1, c, h, t] fp32 at the last chunk: 32 MiB
     assert r["peak"] < 8 * scores, f"peak RSS growth {r['peak'] / 2**20:.0f} MiB during a {LONG}-token prefill in chunks of {small}"
     assert r["max_diff"] <= 1e-5 * r["max_abs"] and r["argmax"][0] == r["argmax"][1], r
+
+
+@pytest.mark.slow  # HF's sdpa over 16K tokens in one pass: ~20 s and ~3 GB on two cores
+def test_long_prompt_chunked_prefill_matches_hf(make_checkpoint, tmp_path):
+    """A 16384-token prompt prefilled in chunks of 4096 against the cache gives the last-token logits HF computes
+    over the whole prompt in one pass (fp32; sdpa attention, as HF's eager one would need 16K x 16K scores)."""
+    from tests.model.hf_oracle import assert_rel, load_hf
+
+    ckpt = make_checkpoint(LONG_CONFIG)
+    x = torch.randint(2, 512, (1, LONG), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = load_hf(ckpt, tmp_path, attention="sdpa")(x, logits_to_keep=1).logits[:, -1]  # [1, v]
+    model = load_model(ckpt, device="cpu", dtype=torch.float32, progress=False)
+    with torch.inference_mode():
+        got = prefill(model, x, torch.tensor([LONG]), model.new_cache(1, LONG), 4096)  # [1, v]
+    assert_rel(got, ref, 1e-4, f"{LONG}-token chunked prefill vs HF")

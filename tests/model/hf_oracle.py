@@ -72,15 +72,16 @@ def write_fp32_copy(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def load_hf(ckpt: Path, workdir: Path) -> DeepseekV3ForCausalLM:
-    """The HF model for `ckpt` in fp32 with eager attention; fails unless every weight was loaded."""
+def load_hf(ckpt: Path, workdir: Path, attention: str = "eager") -> DeepseekV3ForCausalLM:
+    """The HF model for `ckpt` in fp32 with `attention` (eager, or sdpa for long prompts); fails unless every
+    weight was loaded."""
     hf_dir = write_fp32_copy(ckpt, workdir / "hf-fp32")
     model, info = DeepseekV3ForCausalLM.from_pretrained(
-        str(hf_dir), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        str(hf_dir), dtype=torch.float32, attn_implementation=attention, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert not info["error_msgs"], info["error_msgs"]
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == attention
     assert all(p.dtype == torch.float32 for p in model.parameters())
     return model.eval()
 
