@@ -113,9 +113,10 @@ class DeepGemm(_QuantizedActivations):
 
     def packed_experts(self, x: Tensor, fp8: bool) -> experts.Contiguous | None:
         """FP8 experts of PACKED_MIN_TOKENS or more bf16 tokens (below, the masked W8A16 kernel reads only the routed
-        experts' weights, and the 128-row segments would be mostly padding)."""
+        experts' weights, and the 128-row segments would be mostly padding); never inside a CUDA-graph capture
+        (the segments' row count is read on the host)."""
         takes = fp8 and x.dtype == torch.bfloat16 and x.is_cuda and x.shape[0] >= PACKED_MIN_TOKENS
-        return self.contiguous if takes else None
+        return self.contiguous if takes and not torch.cuda.is_current_stream_capturing() else None
 
 
 def probe_fp8_backends(device: torch.device | str) -> dict[str, str]:
