@@ -43,11 +43,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_seq_len
     cache_memory_fraction: float = 0.6  # of the GPU memory free when the engine starts, for the latent pool
+    admit_batch: int | None = None  # a decode-only step admits waiting requests once this many fit (None: max_num_seqs // 8)
     cuda_graphs: str = "auto"  # decode steps from CUDA graphs on one GPU: auto (where the model allows), on, off
     compile_decode: bool = False  # with graphs: decoder blocks through torch.compile (a compile per bucket)
 
     def __post_init__(self):
-        for name, least in (("block_size", 1), ("num_blocks", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 1)):
+        for name, least in (("block_size", 1), ("num_blocks", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 1), ("admit_batch", 1)):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise ValueError(f"EngineConfig.{name} must be >= {least}, found {value}")
@@ -97,7 +98,8 @@ class Engine:
         self.model, self.tokenizer, self.config, self.group = model, tokenizer, config, group
         n_blocks = config.num_blocks or default_num_blocks(model, config, self.max_model_len)
         self.blocks = BlockManager(n_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        admit_batch = config.admit_batch or max(1, config.max_num_seqs // 8)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, admit_batch)
         graphs = None  # under expert parallelism decode steps run eagerly (paged_graphs.py)
         if group is None:
             graphs = partial(make_paged_graphs, model, mode=config.cuda_graphs, max_batch=config.max_num_seqs, max_len=self.max_model_len, compile=config.compile_decode)

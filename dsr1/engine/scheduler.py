@@ -6,7 +6,9 @@ blocks; when it has computed its last token, that token's logits choose the next
 position left (a decoding request, or a prompt whose other tokens came from the prefix cache) is a decode row;
 one with more is a prefill row, given at most the step's remaining token budget (max_num_batched_tokens): a
 long prompt is prefilled in chunks over several steps. Requests are admitted first come, first served, while
-max_num_seqs and the free blocks allow. When a running request needs a block and none is free, the most
+max_num_seqs and the free blocks allow; a step that would otherwise only decode admits them once admit_batch
+of them (or all that wait) fit, since their prefill is a forward of its own beside the decode rows' and each
+forward has a fixed cost: fewer, larger admissions keep the running requests' time per token down. When a running request needs a block and none is free, the most
 recently admitted running request is preempted: its blocks go back (its full blocks stay in the prefix cache)
 and it waits at the front of the queue to be recomputed, prompt and generated tokens alike.
 
@@ -81,8 +83,9 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, admit_batch: int = 1):
         self.blocks, self.max_num_seqs, self.max_num_batched_tokens = blocks, max_num_seqs, max_num_batched_tokens
+        self.admit_batch = admit_batch
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.pending: dict[int, Request] = {}  # key of a prompt block -> the running request that computes it (or did)
@@ -102,6 +105,9 @@ class Scheduler:
             n = _chunk(req.remaining, budget)
             if n and self._reserve(req, n, preempted):
                 budget -= _add_row(plan, req, n)
+        free = self.max_num_seqs - len(self.running)
+        if plan.decode and not plan.prefill and free < min(self.admit_batch, len(self.waiting)):
+            return plan  # admissions wait for a batch worth a prefill forward of their own
         while self.waiting and len(self.running) < self.max_num_seqs and self.waiting[0] not in preempted:
             n = self._admit(self.waiting[0], budget)
             if not n:

@@ -173,6 +173,29 @@ def test_chunked_prefill_keeps_to_the_token_budget(model, reference):
     assert max(per_step) == 5 and sum(per_step) >= sum(len(p) - 1 - o.num_cached_tokens for p, o in zip(PROMPTS, got))
 
 
+def test_decode_steps_admit_requests_in_batches(model, reference):
+    """With admit_batch=2 and two sequences at most, a step whose rows only decode admits waiting requests only
+    when two slots are free (or one request waits), so prefill forwards come in pairs; the tokens are the same."""
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, max_num_seqs=2, admit_batch=2))
+    schedule, admissions = engine.scheduler.schedule, []
+
+    def recorded():
+        running, waiting = len(engine.scheduler.running), len(engine.scheduler.waiting)
+        plan = schedule()
+        decoding = [req for req in plan.decode if req.num_computed > len(req.prompt_token_ids)]  # running before this step
+        admitted = len(engine.scheduler.running) - running
+        admissions.append((bool(decoding), 2 - running, waiting, admitted))
+        return plan
+
+    engine.scheduler.schedule = recorded
+    got = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
+    assert [o.token_ids for o in got] == [reference(p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    for decoding, free, waiting, admitted in admissions:
+        if decoding and admitted:
+            assert free >= min(2, waiting), (free, waiting, admitted)
+    assert any(decoding and free == 1 and waiting >= 2 and not admitted for decoding, free, waiting, admitted in admissions), "a slot was never held back"
+
+
 def test_preemption_recomputes_and_gives_the_same_tokens(model, reference):
     """Seven blocks of 4 positions for six requests of 7-22 prompt tokens: requests are preempted (and later
     recomputed, partly from their own cached blocks) instead of running out of memory."""
