@@ -40,8 +40,12 @@ class ServerState:
             self.in_flight -= 1
 
 
+BODY_BYTES_PER_TOKEN = 32  # a request body may hold this much per token of the context (a token id list: ~8), at least 1 MiB
+
+
 def build_app(engine: EngineLoop, ctx: ServeContext, max_concurrent: int) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    body_limit = max(1 << 20, BODY_BYTES_PER_TOKEN * ctx.max_model_len)  # a long-context prompt fits; a larger body gets 413
+    app = web.Application(middlewares=[json_errors], client_max_size=body_limit)
     app[STATE] = ServerState(engine, ctx, max_concurrent)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
@@ -61,7 +65,8 @@ async def json_errors(request: web.Request, handler):
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return web.json_response(ApiError(e.status, f"{request.method} {request.path}: {e.reason}").body(), status=e.status)
+        why = e.text if e.status == 413 else e.reason  # 413: aiohttp's text gives the limit and the body's size
+        return web.json_response(ApiError(e.status, f"{request.method} {request.path}: {why}").body(), status=e.status)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -44,6 +44,7 @@ CASES = {
     "chat-bad-role": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages", ["role='tool'"]),
     "chat-logprobs": ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", ["not supported"]),
     "unknown-path": ("/v1/embeddings", {}, 404, None, ["/v1/embeddings"]),
+    "body-too-large": ("/v1/completions", {**OK, "prompt": "a" * (1 << 20)}, 413, None, ["1048576"]),
 }
 
 
