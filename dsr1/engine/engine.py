@@ -27,10 +27,12 @@ from dsr1.engine.paged_graphs import GRAPH_MODES, make_paged_graphs
 from dsr1.engine.runner import ModelRunner, Row
 from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose_all, logprobs_of, new_generator
 from dsr1.engine.scheduler import Request, Scheduler
+from dsr1.kernels.attention import GATHER, PAGED, use_paged_decode
 from dsr1.model.transformer import Transformer
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams", "TokenLogprob"]
 
+DECODE_ATTENTION = {"gather": GATHER, "paged": PAGED}  # EngineConfig.decode_attention
 CPU_CACHE_BYTES = 256 << 20  # the pool's size on CPU when num_blocks is not given (at least one full-length sequence)
 
 
@@ -44,6 +46,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_seq_len
     cache_memory_fraction: float = 0.6  # of the GPU memory free when the engine starts, for the latent pool
     admit_batch: int | None = None  # a decode-only step admits waiting requests once this many fit (None: max_num_seqs // 8)
+    decode_attention: str = "gather"  # gather: a row's blocks gathered per layer; paged: read in place (kernels/mla_decode.py, GPU)
     cuda_graphs: str = "auto"  # decode steps from CUDA graphs on one GPU: auto (where the model allows), on, off
     compile_decode: bool = False  # with graphs: decoder blocks through torch.compile (a compile per bucket)
 
@@ -54,6 +57,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= {least}, found {value}")
         if not 0 < self.cache_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.cache_memory_fraction must be in (0, 1], found {self.cache_memory_fraction}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"EngineConfig.decode_attention {self.decode_attention!r} is not one of {tuple(DECODE_ATTENTION)}")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"EngineConfig.cuda_graphs {self.cuda_graphs!r} is not one of {GRAPH_MODES}")
 
@@ -96,6 +101,7 @@ class Engine:
         if self.max_model_len > model.max_seq_len:
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds the model's max_seq_len={model.max_seq_len}; load it with a larger max_seq_len")
         self.model, self.tokenizer, self.config, self.group = model, tokenizer, config, group
+        use_paged_decode(model, DECODE_ATTENTION[config.decode_attention])
         n_blocks = config.num_blocks or default_num_blocks(model, config, self.max_model_len)
         self.blocks = BlockManager(n_blocks, config.block_size, config.enable_prefix_caching)
         admit_batch = config.admit_batch or max(1, config.max_num_seqs // 8)

@@ -32,8 +32,12 @@ class PagedLatentCache:
     def store(self, positions: Tensor, keys: Tensor, n_keys: int) -> Tensor:
         """Write this call's keys [b, s, c + r] (at `positions`, which `slots` already encodes) -> the keys at
         positions [0, n_keys) of each row, gathered from its blocks: [b, t, c + r]."""
-        self.pool.view(-1, keys.shape[-1])[self.slots] = keys
+        self.write(positions, keys)
         return self.pool[self.block_table].flatten(1, 2)[:, :n_keys]  # [b, n, B, c + r] -> [b, t, c + r]
+
+    def write(self, positions: Tensor, keys: Tensor) -> None:
+        """Write this call's keys [b, s, c + r] only (a kernel that reads the blocks in place follows: MLA.paged)."""
+        self.pool.view(-1, keys.shape[-1])[self.slots] = keys
 
 
 @dataclass(frozen=True)

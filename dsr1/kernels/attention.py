@@ -1,5 +1,7 @@
-"""Prefill attention through torch's scaled_dot_product_attention (flash attention on a GPU), the twin of the
-blockwise einsums of dsr1/model/attention.py. MLA holds one of these as `flash`, chosen when it is built.
+"""Attention kernels MLA holds, each the twin of its einsums (dsr1/model/attention.py), chosen when a run is built:
+`flash`, a prefill through torch's scaled_dot_product_attention (flash attention on a GPU); and `paged`, a
+decode step over a paged cache read in place by dsr1/kernels/mla_decode.py (PagedDecode), or, by default,
+nothing (GATHER: the cache gathers a row's blocks and MLA runs its products on them).
 
 A prefill runs MLA in its naive, per-head form (as DeepSeek's and vLLM's kernels do: the absorbed form's
 latent products suit decode steps, where the cache is read once per token): q and k carry d + r = 192 dims
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
+
+from dsr1.kernels import mla_decode
 
 MASK_BLOCK_BYTES = 1 << 28  # an explicit mask is built for blocks of queries of at most b * s * t * 4 of these bytes
 
@@ -79,3 +83,34 @@ def use_prefill_attention(model: torch.nn.Module, kernel: PrefillAttention) -> N
     for module in model.modules():
         if hasattr(module, "flash"):
             module.flash = kernel
+
+
+class PagedDecode:
+    """MLA's absorbed attention of a decode step (one new position per row) over a paged cache, a cache that keeps its
+    rows in blocks (pool [N, P, c + r], block_table [b, n]: dsr1/engine/paged.py), read in place by the key-split
+    kernel of dsr1/kernels/mla_decode.py on `devices` (CPU: the Triton interpreter, for tests)."""
+
+    def __init__(self, devices: tuple[str, ...] = ("cuda",)):
+        self.devices = devices
+        self.name = "paged" if devices else "gather"
+
+    def takes(self, q_nope: Tensor, cache) -> bool:
+        """Whether `decode` runs queries q_nope [b, s, h, d] over `cache`: a decode step over a paged cache here."""
+        b, s = q_nope.shape[:2]
+        device = q_nope.device
+        return s == 1 and b > 0 and hasattr(cache, "block_table") and device.type in self.devices and mla_decode.available(device, q_nope.dtype)
+
+    def decode(self, q: Tensor, cache, positions: Tensor, scale: float, c: int) -> Tensor:
+        """q [b, 1, h, c + r] at positions [b, 1] (its keys: cache positions [0, position]) -> latent output [b, 1, h, c]."""
+        return mla_decode.paged_decode(q[:, 0], cache.pool, cache.block_table, positions[:, 0] + 1, scale, c).unsqueeze(1)
+
+
+GATHER = PagedDecode(devices=())  # MLA's default: no kernel, the paged cache gathers each row's blocks
+PAGED = PagedDecode()
+
+
+def use_paged_decode(model: torch.nn.Module, kernel: PagedDecode) -> None:
+    """Make every MLA of `model` (every module with a `paged` attribute) run decode steps over a paged cache with `kernel`."""
+    for module in model.modules():
+        if hasattr(module, "paged"):
+            module.paged = kernel

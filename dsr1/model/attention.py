@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dsr1.config import ModelConfig
-from dsr1.kernels.attention import SDPA
+from dsr1.kernels.attention import GATHER, SDPA
 from dsr1.kernels.backend import DEQUANT
 from dsr1.model.linear import Linear, linear_pair
 from dsr1.model.norm import RMSNorm
@@ -128,6 +128,7 @@ class MLA(nn.Module):
         self.wo = Linear(self.n_heads * self.v_dim, cfg.dim, fp8)  # HF: o_proj
         self.gemm = DEQUANT  # backend, set by fp8_gemm.use_fp8_gemm: kernels for the absorbed products (W8A16's)
         self.flash = SDPA  # prefill attention (kernels/attention.py): flash on CUDA; elsewhere the blockwise einsums
+        self.paged = GATHER  # decode attention over a paged cache (kernels/attention.py): by default its blocks gathered
         self.score_bytes = SCORE_BLOCK_BYTES
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache | HeadCache:
@@ -179,9 +180,14 @@ class MLA(nn.Module):
         """W_UK folded into the query, attention over the latent, W_UV applied after it; naive's inputs -> o [b, s, h, d].
 
         Each product is first offered to the backend (`gemm`), which returns None where it has no kernel for it.
-        A prefill that the `flash` kernel takes runs in the naive form, on keys and values expanded from the latent."""
+        A prefill that the `flash` kernel takes runs in the naive form, on keys and values expanded from the latent;
+        a decode step over a paged cache that the `paged` kernel takes reads the cache's blocks in place."""
         t = mask.n_keys
         keys = torch.cat([kv, k_pe], dim=-1)  # [b, s, c + r]: this call's positions
+        if cache is not None and self.paged.takes(q_nope, cache):
+            cache.write(positions, keys)
+            o = self.paged.decode(self._absorb_query(q_nope, q_pe), cache, positions, self.softmax_scale, self.kv_lora_rank)  # [b, 1, h, c]
+            return self._value_heads(o)
         if cache is not None:
             keys = cache.store(positions, keys, t)  # [b, t, c + r]: every key the queries may see
         kv = keys[..., : self.kv_lora_rank]  # [b, t, c]
@@ -189,11 +195,8 @@ class MLA(nn.Module):
             k, v = self._expand(kv, keys[..., self.kv_lora_rank :])  # [b, t, h, d + r], [b, t, h, d]
             q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, d + r]
             return self.flash.prefill(q, k, v, self.softmax_scale, mask.positions, mask.key_positions, mask.aligned)
-        fast, weight, scale = self.gemm, self.wkv_b.weight, self.wkv_b.scale
-        q_latent = fast.w_uk(q_nope, weight, scale, self.nope_dim)
-        if q_latent is None:
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, self._wkv_b(q_nope.dtype)[:, : self.nope_dim])  # [b, s, h, c]
-        q = torch.cat([q_latent, q_pe], dim=-1)  # [b, s, h, c + r]
+        fast = self.gemm
+        q = self._absorb_query(q_nope, q_pe)  # [b, s, h, c + r]
         blocks = []
         for rows in self._query_blocks(q, t):
             scores = fast.latent_scores(q[:, rows], keys)
@@ -204,8 +207,18 @@ class MLA(nn.Module):
             if o is None:
                 o = torch.einsum("bqht,btc->bqhc", probs, kv)  # [b, q, h, c]
             blocks.append(o)
-        o = _cat_blocks(blocks)  # [b, s, h, c]
-        out = fast.w_uv(o, weight, scale, self.nope_dim)
+        return self._value_heads(_cat_blocks(blocks))  # [b, s, h, c] -> [b, s, h, d]
+
+    def _absorb_query(self, q_nope: Tensor, q_pe: Tensor) -> Tensor:
+        """W_UK folded into the query: q_nope [b, s, h, d], q_pe [b, s, h, r] -> [b, s, h, c + r]."""
+        q_latent = self.gemm.w_uk(q_nope, self.wkv_b.weight, self.wkv_b.scale, self.nope_dim)
+        if q_latent is None:
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, self._wkv_b(q_nope.dtype)[:, : self.nope_dim])  # [b, s, h, c]
+        return torch.cat([q_latent, q_pe], dim=-1)
+
+    def _value_heads(self, o: Tensor) -> Tensor:
+        """W_UV after attention over the latent: o [b, s, h, c] -> [b, s, h, d]."""
+        out = self.gemm.w_uv(o, self.wkv_b.weight, self.wkv_b.scale, self.nope_dim)
         if out is None:
             out = torch.einsum("bshc,hdc->bshd", o, self._wkv_b(o.dtype)[:, self.nope_dim :])  # [b, s, h, d]
         return out

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"prompt tokens prefilled per step (default {EngineConfig.max_num_batched_tokens})")
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the cache blocks of prompts' shared prefixes")
     add_decode_args(engine)  # the engine's decode steps on one GPU; under --ep they run eagerly
+    engine.add_argument("--decode-attention", choices=("gather", "paged"), default=EngineConfig.decode_attention,
+                        help="decode attention over the paged cache: gather each row's blocks, then the model's products (default), "
+                        "or paged: a key-split kernel reading the blocks in place (a GPU; not yet measured)")
     add_ep_args(p)
     return p
 
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
         check_port(args.host, args.port)
     config = EngineConfig(
         args.block_size, args.num_blocks, args.max_num_seqs, args.max_num_batched_tokens, not args.no_prefix_caching, args.max_seq_len,
-        cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode,
+        cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode, decode_attention=args.decode_attention,
     )
     path = checkpoint_dir(args.ckpt_path, rank, world)
     cfg = read_config(args, path)

@@ -21,6 +21,8 @@ def test_graphs_declined_on_cpu():
         Engine(model, config=EngineConfig(num_blocks=64, cuda_graphs="on"))
     with pytest.raises(ValueError, match="EngineConfig.cuda_graphs 'yes' is not one of"):
         EngineConfig(num_blocks=64, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="EngineConfig.decode_attention 'flash' is not one of"):
+        EngineConfig(num_blocks=64, decode_attention="flash")
 
 
 @pytest.mark.gpu
