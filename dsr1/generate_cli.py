@@ -22,6 +22,7 @@ from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
 from dsr1.engine.generation import generate
 from dsr1.engine.load import default_device_dtype, gather_to_rank0, load_ep_model
 from dsr1.model.attention import ATTN_IMPLS
+from dsr1.kernels.attention import DECODE_ATTENTION, use_paged_decode
 from dsr1.kernels.fp8_gemm import BACKENDS, select_fp8_backend
 from dsr1.parallel.dist import init_distributed, is_rank0, log_rank0, rank_share
 from dsr1.parallel.placement import STRATEGIES
@@ -90,11 +91,14 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def add_decode_args(group: argparse._ArgumentGroup) -> None:
-    """--cuda-graphs and --compile-decode (shared with scripts/serve.py, whose engine takes them on one GPU)."""
+    """--cuda-graphs, --compile-decode and --decode-attention (shared with scripts/serve.py, whose engine takes them)."""
     group.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="replay decode steps from CUDA graphs: auto (default) "
                        "where the run allows it (CUDA, Triton, one process or --all2all deepep_ll), on (error if it can't), off")
     group.add_argument("--compile-decode", action="store_true", help="with CUDA graphs, run the decoder blocks through torch.compile "
                        "(same function, about 25%% faster at batch 1 on H200; costs a compile per batch bucket at the start)")
+    group.add_argument("--decode-attention", choices=tuple(DECODE_ATTENTION), default="gather", help="a decode step's attention over the "
+                       "latent cache: gather (default): the cache's rows as one tensor, then MLA's products (W8A16 kernels on a GPU); "
+                       "paged: a key-split kernel reading the cache in place (kernels/mla_decode.py; a GPU; not yet measured there)")
 
 
 def add_ep_args(p: argparse.ArgumentParser) -> None:
@@ -207,6 +211,7 @@ def run(args: argparse.Namespace) -> None:
             log_rank0(line, file=sys.stderr)
     config = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, prefill_chunk=args.prefill_chunk)
     mine = rank_share(len(texts), rank, world)  # this rank decodes these prompts; all ranks step together
+    use_paged_decode(model, DECODE_ATTENTION[args.decode_attention])  # before the graphs capture the decode step
     graphs = None if args.engine else make_graphs(model, args.cuda_graphs, longest, max(len(mine), 1), group, args.compile_decode)
     if args.interactive:
         chat_loop(model, tokenizer, config, group, graphs)
@@ -217,7 +222,8 @@ def run(args: argparse.Namespace) -> None:
         stream.finish()
         return
     if args.engine:
-        engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk, cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode)
+        engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk, cuda_graphs=args.cuda_graphs, compile_decode=args.compile_decode,
+                                     decode_attention=args.decode_attention)
         engine = Engine(model, config=engine_config, group=group)
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         mine_out = [out.token_ids for out in engine.generate([prompt_ids[i] for i in mine], params)]

@@ -27,12 +27,11 @@ from dsr1.engine.paged_graphs import GRAPH_MODES, make_paged_graphs
 from dsr1.engine.runner import ModelRunner, Row
 from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose_all, logprobs_of, new_generator
 from dsr1.engine.scheduler import Request, Scheduler
-from dsr1.kernels.attention import GATHER, PAGED, use_paged_decode
+from dsr1.kernels.attention import DECODE_ATTENTION, use_paged_decode
 from dsr1.model.transformer import Transformer
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams", "TokenLogprob"]
 
-DECODE_ATTENTION = {"gather": GATHER, "paged": PAGED}  # EngineConfig.decode_attention
 CPU_CACHE_BYTES = 256 << 20  # the pool's size on CPU when num_blocks is not given (at least one full-length sequence)
 
 
@@ -46,7 +45,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_seq_len
     cache_memory_fraction: float = 0.6  # of the GPU memory free when the engine starts, for the latent pool
     admit_batch: int | None = None  # a decode-only step admits waiting requests once this many fit (None: max_num_seqs // 8)
-    decode_attention: str = "gather"  # gather: a row's blocks gathered per layer; paged: read in place (kernels/mla_decode.py, GPU)
+    decode_attention: str = "gather"  # gather: a row's blocks gathered per layer; paged: read in place (kernels/attention.py)
     cuda_graphs: str = "auto"  # decode steps from CUDA graphs on one GPU: auto (where the model allows), on, off
     compile_decode: bool = False  # with graphs: decoder blocks through torch.compile (a compile per bucket)
 

@@ -39,6 +39,10 @@ class PagedLatentCache:
         """Write this call's keys [b, s, c + r] only (a kernel that reads the blocks in place follows: MLA.paged)."""
         self.pool.view(-1, keys.shape[-1])[self.slots] = keys
 
+    def pages(self, b: int) -> tuple[Tensor, Tensor]:
+        """The pool and the b rows' block tables, for a kernel that reads the blocks in place."""
+        return self.pool, self.block_table
+
 
 @dataclass(frozen=True)
 class Layout:

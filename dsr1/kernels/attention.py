@@ -86,31 +86,34 @@ def use_prefill_attention(model: torch.nn.Module, kernel: PrefillAttention) -> N
 
 
 class PagedDecode:
-    """MLA's absorbed attention of a decode step (one new position per row) over a paged cache, a cache that keeps its
-    rows in blocks (pool [N, P, c + r], block_table [b, n]: dsr1/engine/paged.py), read in place by the key-split
-    kernel of dsr1/kernels/mla_decode.py on `devices` (CPU: the Triton interpreter, for tests)."""
+    """MLA's absorbed attention of a decode step (one new position per row) read in place from the cache by the
+    key-split kernel of dsr1/kernels/mla_decode.py, on `devices` (CPU: the Triton interpreter, for tests). The cache
+    gives its rows as blocks (`pages`): the engine's paged cache its pool and block tables (dsr1/engine/paged.py),
+    generation's contiguous one each row as one block."""
 
     def __init__(self, devices: tuple[str, ...] = ("cuda",)):
         self.devices = devices
         self.name = "paged" if devices else "gather"
 
     def takes(self, q_nope: Tensor, cache) -> bool:
-        """Whether `decode` runs queries q_nope [b, s, h, d] over `cache`: a decode step over a paged cache here."""
+        """Whether `decode` runs queries q_nope [b, s, h, d] over `cache`: a decode step, here, over the latent cache."""
         b, s = q_nope.shape[:2]
         device = q_nope.device
-        return s == 1 and b > 0 and hasattr(cache, "block_table") and device.type in self.devices and mla_decode.available(device, q_nope.dtype)
+        return s == 1 and b > 0 and hasattr(cache, "pages") and device.type in self.devices and mla_decode.available(device, q_nope.dtype)
 
     def decode(self, q: Tensor, cache, positions: Tensor, scale: float, c: int) -> Tensor:
         """q [b, 1, h, c + r] at positions [b, 1] (its keys: cache positions [0, position]) -> latent output [b, 1, h, c]."""
-        return mla_decode.paged_decode(q[:, 0], cache.pool, cache.block_table, positions[:, 0] + 1, scale, c).unsqueeze(1)
+        pool, table = cache.pages(q.shape[0])
+        return mla_decode.paged_decode(q[:, 0], pool, table, positions[:, 0] + 1, scale, c).unsqueeze(1)
 
 
-GATHER = PagedDecode(devices=())  # MLA's default: no kernel, the paged cache gathers each row's blocks
+GATHER = PagedDecode(devices=())  # MLA's default: no kernel; the cache hands MLA its keys as one tensor per row
 PAGED = PagedDecode()
+DECODE_ATTENTION = {"gather": GATHER, "paged": PAGED}  # --decode-attention
 
 
 def use_paged_decode(model: torch.nn.Module, kernel: PagedDecode) -> None:
-    """Make every MLA of `model` (every module with a `paged` attribute) run decode steps over a paged cache with `kernel`."""
+    """Make every MLA of `model` (every module with a `paged` attribute) run its decode steps with `kernel`."""
     for module in model.modules():
         if hasattr(module, "paged"):
             module.paged = kernel

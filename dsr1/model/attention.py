@@ -79,9 +79,18 @@ class LatentCache:
         """Write this call's keys [b, s, c + r] at `positions` [b, s] of cache rows [0, b) -> the keys to attend
         over, rows [0, n_keys) of each: [b, t, c + r]. (dsr1/engine/paged.py's PagedLatentCache does the same in
         blocks.)"""
+        self.write(positions, keys)
+        return self.keys[: keys.shape[0], :n_keys]
+
+    def write(self, positions: Tensor, keys: Tensor) -> None:
+        """Write this call's keys only (a decode kernel that reads the cache in place follows: MLA.paged)."""
         rows = torch.arange(keys.shape[0], device=keys.device).unsqueeze(1)  # [b, 1]: cache row of each batch entry
         self.keys[rows, positions] = keys
-        return self.keys[: keys.shape[0], :n_keys]
+
+    def pages(self, b: int) -> tuple[Tensor, Tensor]:
+        """The cache as blocks for the paged decode kernel: each row one block of all T positions -> (pool [B, T, c + r],
+        block table [b, 1])."""
+        return self.keys, torch.arange(b, device=self.keys.device).unsqueeze(1)
 
     def tensors(self) -> list[Tensor]:
         return [self.keys]

@@ -47,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"prompt tokens prefilled per step (default {EngineConfig.max_num_batched_tokens})")
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the cache blocks of prompts' shared prefixes")
     add_decode_args(engine)  # the engine's decode steps on one GPU; under --ep they run eagerly
-    engine.add_argument("--decode-attention", choices=("gather", "paged"), default=EngineConfig.decode_attention,
-                        help="decode attention over the paged cache: gather each row's blocks, then the model's products (default), "
-                        "or paged: a key-split kernel reading the blocks in place (a GPU; not yet measured)")
     add_ep_args(p)
     return p
 

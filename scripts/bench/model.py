@@ -44,6 +44,7 @@ from dsr1.checkpoint.synthetic import write_checkpoint
 from dsr1.checkpoint.loader import INDEX_FILE, build_model
 from dsr1.config import ModelConfig
 from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
+from dsr1.kernels.attention import DECODE_ATTENTION, use_paged_decode
 from dsr1.kernels.fp8_gemm import BACKENDS, DEQUANT, probe_fp8_backends, select_fp8_backend, use_fp8_gemm
 from dsr1.model.dispatch import LocalDispatcher
 
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode", default="1,8,64", help="decode batch sizes")
     p.add_argument("--contexts", default="512,4096,32768,131072", help="positions already in the KV cache when decode is timed, comma-separated")
     p.add_argument("--dequant-decode", default="1,8", help="decode batch sizes also timed with dsr1's dequant backend ('' for none)")
+    p.add_argument("--decode-attention", choices=tuple(DECODE_ATTENTION), default="gather",
+                   help="dsr1's decode attention: gather (the W8A16 cache products) or paged (kernels/mla_decode.py)")
     p.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto", help="dsr1 decode from CUDA graphs (auto: where the model allows)")
     p.add_argument("--compile-decode", choices=("on", "off"), default="on", help="with CUDA graphs: decoder blocks through torch.compile")
     p.add_argument("--uncompiled-decode", default="1,64", help="with --compile-decode on, decode batch sizes also timed from uncompiled graphs ('' for none)")
@@ -128,6 +131,8 @@ def run_dsr1(args, cfg, device, dtype, timer) -> tuple[dict, torch.Tensor]:
     out = {"backend": backend.name, "backends": probe_fp8_backends(device), "prefill_chunk": chunk}
     prompt = check_prompt(args, device)
     use_fp8_gemm(model, backend)
+    use_paged_decode(model, DECODE_ATTENTION[args.decode_attention])
+    out["attention_in_decode"] = args.decode_attention  # (a key not starting with "decode": those are rows)
     out["cuda_graphs"] = make_graphs(model, args.cuda_graphs, max_len=1, max_batch=1) is not None  # can this model capture?
     out["compiled"] = out["cuda_graphs"] and args.compile_decode == "on"
     runner = measure.Dsr1GraphRunner(model, compile=out["compiled"], prefill_chunk=chunk) if out["cuda_graphs"] else eager

@@ -82,3 +82,26 @@ def test_engine_decodes_through_the_kernel_as_through_gathered_blocks(make_check
     assert [o.token_ids for o in paged] == [o.token_ids for o in gathered]
     for a, b in zip(paged, gathered):
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in a.logprobs]), torch.tensor([lp.logprob for lp in b.logprobs]), rtol=1e-4, atol=1e-4)
+
+
+def test_static_decode_through_the_kernel_equals_the_einsums(make_checkpoint):
+    """generation's contiguous latent cache read in place by the kernel (each row one block of the whole cache):
+    a decode step's logits for rows at different positions equal the einsums' within 1e-4 (fp32, interpreted)."""
+    if not mla_decode.available(torch.device("cpu"), torch.float32):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from dsr1 import load_model
+    from dsr1.kernels.attention import GATHER, PagedDecode, use_paged_decode
+
+    model = load_model(make_checkpoint(), device="cpu", dtype=torch.float32, progress=False)
+    tokens = torch.randint(2, 500, (3, 20), generator=torch.Generator().manual_seed(4))
+    step = torch.randint(2, 500, (3, 1), generator=torch.Generator().manual_seed(5))
+    start = torch.tensor([20, 7, 13])  # each row's decode position (rows 1 and 2 attend to fewer cached keys)
+    logits = []
+    for kernel in (GATHER, PagedDecode(devices=("cpu",))):
+        use_paged_decode(model, kernel)
+        cache = model.new_cache(3, 32)
+        with torch.inference_mode():
+            model(tokens, 0, cache, logits_at=torch.zeros(3, dtype=torch.long))
+            logits.append(model(step, start, cache, logits_at=torch.zeros(3, dtype=torch.long)))
+    use_paged_decode(model, GATHER)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
