@@ -29,7 +29,7 @@ from dsr1.embedded import tiny_checkpoint
 from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
 from dsr1.engine.generation import chunk_starts
 from dsr1.engine.load import default_device_dtype, load_ep_model
-from dsr1.eval.until import THINK_CUTOFFS, StopStrings, answer, run_requests  # noqa: F401  StopStrings: for generate() callers
+from dsr1.eval.until import THINK_CUTOFFS, answer, run_requests
 from dsr1.parallel.dist import is_rank0
 from dsr1.tokenizer import ASSISTANT, END_THINK, EOS, apply_chat_template, decode, encode_prompt, load_tokenizer
 

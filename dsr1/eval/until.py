@@ -1,8 +1,6 @@
 """generate_until on the serving engine (dsr1/engine/engine.py): every request in one Engine, each stopped by
 its own stop strings (counted only after `</think>` when the run strips the reasoning: SamplingParams'
 stop_only_after), and its text cut to the answer lm-eval scores.
-
-StopStrings is the same stopping rule for dsr1.engine.generation.generate's should_stop (the static batch).
 """
 
 from __future__ import annotations
@@ -12,31 +10,8 @@ from typing import Callable
 from lm_eval.models.utils import postprocess_generated_text
 
 from dsr1.engine.engine import Engine, SamplingParams
-from dsr1.tokenizer import decode
 
 THINK_CUTOFFS = ("empty", "keep")  # a generation with no think_end_token: no answer, or all of it (lm-eval's own)
-
-
-class StopStrings:
-    """should_stop(row, ids) for generation.generate: a row stops once its text holds any stop string.
-
-    Only a tail of the generated ids is decoded each step (long enough to hold the longest stop string
-    at one byte per token). With think_end_token, stop strings count only after it: the reasoning
-    before it is dropped before scoring and may contain them.
-    """
-
-    def __init__(self, tokenizer, until: list[str], think_end_token: str | None):
-        self.tokenizer, self.until, self.think_end_token = tokenizer, [s for s in until if s], think_end_token
-        self.window = 4 * max(map(len, [*self.until, think_end_token or ""]), default=1) + 2
-        self.answer_start: dict[int, int] = {}  # row -> index of its first token after think_end_token
-
-    def __call__(self, row: int, ids: list[int]) -> bool:
-        if self.think_end_token and row not in self.answer_start:
-            if self.think_end_token in decode(self.tokenizer, ids[-self.window :]):
-                self.answer_start[row] = len(ids)
-            return False
-        tail = decode(self.tokenizer, ids[max(self.answer_start.get(row, 0), len(ids) - self.window) :])
-        return any(s in tail for s in self.until)
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], on_done: Callable[[], None] = lambda: None) -> list[list[int]]:

@@ -19,7 +19,8 @@ pytest.importorskip("lm_eval")
 
 from dsr1 import GenerationConfig, load_model  # noqa: E402
 from dsr1.eval import lm_eval as adapter  # noqa: E402
-from dsr1.eval.lm_eval import DSR1LM, StopStrings, resolve_batch_size, resolve_device  # noqa: E402
+from dsr1.eval.lm_eval import DSR1LM, resolve_batch_size, resolve_device  # noqa: E402
+from tests.eval.static_stops import StopStrings  # noqa: E402
 from dsr1.eval import until  # noqa: E402
 from dsr1.eval.until import run_requests  # noqa: E402
 from dsr1.engine.generation import generate  # noqa: E402

@@ -13,7 +13,8 @@ from dsr1 import GenerationConfig  # noqa: E402
 from dsr1.engine.generation import generate  # noqa: E402
 from dsr1.eval import lm_eval as adapter  # noqa: E402
 from dsr1.eval.lm_eval import DSR1LM  # noqa: E402
-from dsr1.eval.until import StopStrings, run_requests  # noqa: E402
+from dsr1.eval.until import run_requests  # noqa: E402
+from tests.eval.static_stops import StopStrings  # noqa: E402
 
 CONTEXT = "The capital of France is"
 
