@@ -1,4 +1,4 @@
-"""Many concurrent streaming clients (64; `DSR1_SERVE_CLIENTS=256` for more) all complete, each with its
+"""Many concurrent streaming clients (256; `DSR1_SERVE_CLIENTS=N` for another count) all complete, each with its
 own whole answer: none lost, none duplicated, none mixed with another's. On the scripted FakeEngine and on
 the real Engine with the tiny model, whose answers must equal its own greedy ones."""
 
@@ -15,7 +15,7 @@ from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
 from tests.serve.fake_engine import FakeEngine
 from tests.serve.harness import VOCAB, Server
 
-CLIENTS = int(os.environ.get("DSR1_SERVE_CLIENTS", "64"))
+CLIENTS = int(os.environ.get("DSR1_SERVE_CLIENTS", "256"))
 MAX_TOKENS = 5
 
 
