@@ -25,7 +25,7 @@ from dsr1.engine.detokenize import Detokenizer
 from dsr1.engine.paged import bytes_per_block
 from dsr1.engine.paged_graphs import GRAPH_MODES, make_paged_graphs
 from dsr1.engine.runner import ModelRunner, Row
-from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose_all, logprobs_of, new_generator
+from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose, logprobs_of, new_generator
 from dsr1.engine.scheduler import Request, Scheduler
 from dsr1.kernels.attention import DECODE_ATTENTION, use_paged_decode
 from dsr1.model.transformer import Transformer
@@ -138,16 +138,16 @@ class Engine:
         plan = self.scheduler.schedule()
         decode = [(req, 1) for req in plan.decode]
         rows = [[self._row(req, n) for req, n in batch] for batch in (decode, plan.prefill)]
-        logits = self.runner.run(*rows)
-        sampling: list[tuple[Request, torch.Tensor]] = []  # the requests that take a token now, with their logits [v]
-        for (req, n), req_logits in zip(decode + plan.prefill, logits[0] + logits[1]):
+        decode_out, prefill_out = self.runner.run(*rows)
+        new_tokens: dict[Request, list[int]] = {}
+        for (req, n), out in zip(decode + plan.prefill, decode_out + prefill_out):
             self.scheduler.computed(req, n)
             if req.needs_prompt_logits:
-                self._prompt_logprobs(req, req_logits)
-            if req.remaining == 0:
-                sampling.append((req, req_logits[-1]))
-        tokens = choose_all([req.params for req, _ in sampling], [lg for _, lg in sampling], [req.generator for req, _ in sampling])
-        new_tokens = {req: self._next_token(req, lg, token) for (req, lg), token in zip(sampling, tokens)}
+                self._prompt_logprobs(req, out.logits)
+            if req.remaining == 0:  # its last token is in: choose the next (greedy: the forward's argmax)
+                p = req.params
+                token = out.greedy[-1] if p.temperature == 0 else choose(out.logits[-1], p, req.generator)
+                new_tokens[req] = self._next_token(req, out.logits[-1], token)
         outputs = [self._output(req, []) for req in self.aborted]
         self.aborted = []
         for req, tokens in new_tokens.items():

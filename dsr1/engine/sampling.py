@@ -75,20 +75,6 @@ def choose(logits: Tensor, params: SamplingParams, gen: torch.Generator | None) 
     return int(sample(logits, params.temperature, params.top_p, gen)[0])
 
 
-def choose_all(params: list[SamplingParams], logits: list[Tensor], gens: list[torch.Generator | None]) -> list[int]:
-    """Each request's next token from its logits [v]: the greedy ones' argmax in one batched op and one read back
-    to the host (a decode step of many requests pays one sync, not one per request), the others by `choose`."""
-    tokens = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-    if greedy:
-        for i, token in zip(greedy, torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()):  # [g, v] -> [g]
-            tokens[i] = token
-    for i, p in enumerate(params):
-        if p.temperature != 0:
-            tokens[i] = choose(logits[i], p, gens[i])
-    return tokens
-
-
 def logprobs_of(logits: Tensor, token_ids: Tensor, top_n: int) -> list[TokenLogprob]:
     """logits [n, v] and the token each position is scored for, token_ids [n] -> one TokenLogprob per position:
     log_softmax of the raw logits (before temperature, top-k and top-p), as the OpenAI API reports them."""

@@ -14,6 +14,7 @@ from dsr1 import load_model
 from dsr1.engine.blocks import SCRATCH, BlockManager, block_hash
 from dsr1.engine.engine import Engine, EngineConfig, SamplingParams
 from dsr1.engine.paged import PagedLatentCache, layout
+from dsr1.engine.runner import RowLogits
 from dsr1.model.attention import LatentCache
 
 VOCAB = 6  # the stand-in runner's logits: small, so EOS (id 1) and repeated prefixes are common
@@ -76,7 +77,11 @@ class StandInRunner:
         self.gen = torch.Generator().manual_seed(seed)
 
     def run(self, decode, prefill):
-        return [[torch.randn(len(r.logits_at), VOCAB, generator=self.gen) for r in rows] for rows in (decode, prefill)]
+        return [[self.row(len(r.logits_at)) for r in rows] for rows in (decode, prefill)]
+
+    def row(self, k: int) -> RowLogits:
+        logits = torch.randn(k, VOCAB, generator=self.gen)
+        return RowLogits(logits, logits.argmax(-1).tolist())
 
     def anywhere(self, flag: bool) -> bool:
         return flag
