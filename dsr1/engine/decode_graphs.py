@@ -29,6 +29,7 @@ b batch, B bucket, T cache length, v vocabulary
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,22 +105,30 @@ class DecodeGraphs:
             logits_at=torch.zeros(size, dtype=torch.long, device=device),  # the one new position
         )
 
-        def run(block=self.block) -> Tensor:
+        def run(block: Callable = self.block) -> Tensor:
             return decode_step(self.model, g.tokens, g.positions, self.cache, g.logits_at, self.max_len, block)  # [B, v]
 
-        # Each bucket and cache length compiles two kinds of block (dense, MoE); past the limit dynamo would
-        # quietly run blocks uncompiled.
-        with single_dispatch(self.model.dispatcher), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
-                run(run_block)  # uncompiled first: lazily made state (kept dense weights, split-K counters) exists before tracing
-                run()
-                run()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            with torch.cuda.graph(g.graph, pool=self.pool):
-                g.logits = run()
+        g.logits = capture(self.model, g.graph, self.pool, run, self.block)
         return g
+
+
+def capture(model: Transformer, graph: torch.cuda.CUDAGraph, pool, run: Callable, block: Callable) -> Tensor:
+    """Capture run(block), one decode step of `model` -> its output, into `graph` (memory from `pool`), after
+    warm-up runs off the capture (Triton compiles, cuBLAS picks its kernels): uncompiled first, so that lazily made
+    state (kept dense weights, split-K counters) exists before tracing, then twice with `block`. Under
+    single_dispatch, as every replay makes one dispatch per MoE layer. Each bucket and cache length compiles two
+    kinds of block (dense, MoE): past dynamo's recompile limit it would quietly run blocks uncompiled."""
+    device = model.embed.weight.device
+    with single_dispatch(model.dispatcher), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run(run_block)
+            run(block)
+            run(block)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph, pool=pool):
+            return run(block)
 
 
 def run_block(layer, h: Tensor, positions: Tensor, freqs_cis: Tensor, mask: Causal, cache) -> Tensor:

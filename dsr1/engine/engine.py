@@ -23,7 +23,8 @@ from torch.distributed import ProcessGroup
 from dsr1.engine.blocks import BlockManager
 from dsr1.engine.detokenize import Detokenizer
 from dsr1.engine.paged import bytes_per_block
-from dsr1.engine.paged_graphs import GRAPH_MODES, make_paged_graphs
+from dsr1.engine.decode_graphs import GRAPH_MODES
+from dsr1.engine.paged_graphs import make_paged_graphs
 from dsr1.engine.runner import ModelRunner, Row
 from dsr1.engine.sampling import SamplingParams, TokenLogprob, choose, logprobs_of, new_generator
 from dsr1.engine.scheduler import Request, Scheduler

@@ -17,15 +17,15 @@ b rows, B bucket, n block-table entries, v vocabulary
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dsr1.engine.blocks import SCRATCH
-from dsr1.engine.decode_graphs import BUCKETS, GRAPH_MODES, check_capturable, compiled_block, hidden_states, run_block
+from dsr1.engine.decode_graphs import BUCKETS, capture, check_capturable, compiled_block, hidden_states, run_block
 from dsr1.engine.paged import LatentPool, Layout
-from dsr1.model.dispatch import single_dispatch
 from dsr1.model.transformer import Transformer
 
 GATHER_BYTES = 1 << 30  # the largest bucket's gathered keys per layer, [B, key_len, c + r], at most this
@@ -85,29 +85,19 @@ class PagedDecodeGraphs:
         g.slots.fill_(SCRATCH * self.pool.block_size)  # capture's own runs write to the scratch block only
         g.block_table.fill_(SCRATCH)
 
-        def run(block=self.block) -> Tensor:
+        def run(block: Callable) -> Tensor:
             caches = self.pool.caches(Layout(g.positions, g.slots, g.block_table, self.key_len))
             h = hidden_states(self.model, g.tokens, g.positions, caches, self.key_len, block)  # [B, 1, m]
             return self.model.logits(h[:, 0])  # [B, v]
 
-        with single_dispatch(self.model.dispatcher):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks its kernels
-                run(run_block)
-                run()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            with torch.cuda.graph(g.graph, pool=self.memory):
-                g.logits = run()
+        g.logits = capture(self.model, g.graph, self.memory, run, self.block)
         self.graphs[size] = g
         return g
 
 
 def make_paged_graphs(model: Transformer, pool: LatentPool, mode: str, max_batch: int, max_len: int, compile: bool = False) -> PagedDecodeGraphs | None:
-    """EngineConfig.cuda_graphs: `off` decodes eagerly; `on` builds graphs or raises saying why it can't; `auto`
+    """EngineConfig.cuda_graphs (checked there): `off` decodes eagerly; `on` builds graphs or raises saying why it can't; `auto`
     builds them where check_capturable allows (a CUDA device, the masked expert kernel, a capturable dispatcher)."""
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"cuda_graphs {mode!r} is not one of {GRAPH_MODES}")
     if mode == "off":
         return None
     try:

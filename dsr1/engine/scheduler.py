@@ -8,8 +8,8 @@ one with more is a prefill row, given at most the step's remaining token budget 
 long prompt is prefilled in chunks over several steps. Requests are admitted first come, first served, while
 max_num_seqs and the free blocks allow; a step that would otherwise only decode admits them once admit_batch
 of them (or all that wait) fit, since their prefill is a forward of its own beside the decode rows' and each
-forward has a fixed cost: fewer, larger admissions keep the running requests' time per token down. When a running request needs a block and none is free, the most
-recently admitted running request is preempted: its blocks go back (its full blocks stay in the prefix cache)
+forward has a fixed cost: fewer, larger admissions keep the running requests' time per token down. When a
+running request needs a block and none is free, the most recently admitted running request is preempted: its blocks go back (its full blocks stay in the prefix cache)
 and it waits at the front of the queue to be recomputed, prompt and generated tokens alike.
 
 A block enters the prefix cache only once computed, so requests that share a prefix and arrive together would

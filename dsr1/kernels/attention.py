@@ -74,15 +74,7 @@ class SDPAPrefill(PrefillAttention):
         return o[..., :v_dim].transpose(1, 2)  # [b, s, h, d]
 
 
-PLAIN = PrefillAttention()
 SDPA = SDPAPrefill()  # MLA's default: flash on CUDA, off (the plain path) on CPU
-
-
-def use_prefill_attention(model: torch.nn.Module, kernel: PrefillAttention) -> None:
-    """Make every MLA of `model` (every module with a `flash` attribute) run prefills through `kernel`."""
-    for module in model.modules():
-        if hasattr(module, "flash"):
-            module.flash = kernel
 
 
 class PagedDecode:
