@@ -15,6 +15,8 @@ b batch, s prompt length, t key positions, v vocabulary
 from __future__ import annotations
 
 import gc
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -136,6 +138,14 @@ class HFRunner:
 
     def release(self) -> None:
         """Nothing kept between rows."""
+
+
+def read_config(path: Path, vocab: int | None = None) -> tuple[dict, ModelConfig]:
+    """A benchmark's model: config.json at `path` (vocab_size overridden by `vocab`) -> (its raw keys, ModelConfig)."""
+    raw = json.loads(path.read_text())
+    if vocab:
+        raw["vocab_size"] = vocab
+    return raw, ModelConfig.from_hf(raw, source=str(path))
 
 
 def fill_cache(cache: list, context: int) -> None:

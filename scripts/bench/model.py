@@ -42,7 +42,6 @@ from bench_timing import Timer, copy_bandwidth
 from bench_weights import fill_dsr1
 from dsr1.checkpoint.synthetic import write_checkpoint
 from dsr1.checkpoint.loader import INDEX_FILE, build_model
-from dsr1.config import ModelConfig
 from dsr1.engine.decode_graphs import GRAPH_MODES, make_graphs
 from dsr1.kernels.attention import DECODE_ATTENTION, use_paged_decode
 from dsr1.kernels.fp8_gemm import BACKENDS, DEQUANT, probe_fp8_backends, select_fp8_backend, use_fp8_gemm
@@ -269,10 +268,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.smoke:
         torch.set_num_threads(1)  # tiny matmuls: intra-op threads cost more than they save (tests/conftest.py)
-    raw = json.loads(args.config.read_text())
-    if args.vocab:
-        raw["vocab_size"] = args.vocab
-    cfg = ModelConfig.from_hf(raw, source=str(args.config))
+    raw, cfg = measure.read_config(args.config, args.vocab)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hf_configs = hf_list(args, device)

@@ -28,7 +28,6 @@ got the same greedy tokens from both.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import deque
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from bench_report import meta, table, write_json
+from bench_measure import read_config
 from bench_serving import Trace, latencies, make_workload, peak_memory, reset_peak_memory
 from bench_timing import Timer
 from bench_weights import fill_dsr1
@@ -79,13 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if p.parse_args(argv).smoke:
         p.set_defaults(**SMOKE)  # flags given explicitly still win
     return p.parse_args(argv)
-
-
-def read_config(args) -> ModelConfig:
-    raw = json.loads(args.config.read_text())
-    if args.vocab:
-        raw["vocab_size"] = args.vocab
-    return ModelConfig.from_hf(raw, source=str(args.config))
 
 
 def build(args, cfg: ModelConfig, device: torch.device, max_len: int):
@@ -139,7 +132,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
-    cfg = read_config(args)
+    _, cfg = read_config(args.config, args.vocab)
     work = make_workload(args, cfg.vocab_size)
     longest = max(map(len, work.prompts)) + args.max_output
     model, backend = build(args, cfg, device, longest)

@@ -30,7 +30,7 @@ def test_serving_smoke(tmp_path, capsys):
 
 def test_poisson_arrivals_and_forced_lengths():
     args = serving.parse_args(["--smoke", "--rate", "200", "--requests", "6"])
-    cfg = serving.read_config(args)
+    _, cfg = serving.read_config(args.config, args.vocab)
     work = make_workload(args, cfg.vocab_size)
     assert work.arrivals[0] == 0 and all(a < b for a, b in zip(work.arrivals, work.arrivals[1:]))
     assert len({tuple(p[:41]) for p in work.prompts}) == 1 and len({tuple(p) for p in work.prompts}) == 6
